@@ -1,0 +1,52 @@
+# Vantage: every target does its own set-up. `make run` and `make test` are all a fresh
+# Debian machine with Python 3.11+ needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint proto proto-check lock system-deps clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Runtime and development dependencies, pinned by constraints.txt (see `make lock`).
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Debian packages the tests use: promtool (prometheus).
+system-deps:  ## install the Debian packages the tests need
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+run: $(VENV)/.installed  ## start a coordinator and three agents (eu, us, ap) on this machine
+	deploy/examples/run-local.sh
+
+test: $(VENV)/.installed system-deps  ## install what the tests need and run them all
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed  ## ruff and mypy (strict) on the packages
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+proto: $(VENV)/.installed  ## regenerate vantage_proto from proto/
+	$(PY) proto/generate.py
+
+proto-check: $(VENV)/.installed  ## fail when the generated code is stale
+	$(PY) proto/generate.py --check
+
+lock: | $(BIN)/activate  ## re-pin constraints.txt from pyproject.toml
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile -q --all-extras --strip-extras --no-header -o constraints.txt pyproject.toml
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

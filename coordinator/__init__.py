@@ -1,0 +1,1 @@
+"""The Vantage coordinator: agent fleet, checks, verdict engine, query API and metrics."""

@@ -1,0 +1,28 @@
+"""Durations as operators write them: ``500ms``, ``1.5s``, ``2s``, ``1m``, ``1h``."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds; ValueError naming the text when it is not a duration."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (write e.g. 500ms, 1.5s, 2s, 1m)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling: 0.5 -> '500ms', 2.0 -> '2s', 90.0 -> '90s'."""
+    millis = round(seconds * 1000)
+    if millis % 1000:
+        return f"{millis}ms"
+    if millis % 3_600_000 == 0 and millis:
+        return f"{millis // 3_600_000}h"
+    if millis % 60_000 == 0 and millis:
+        return f"{millis // 60_000}m"
+    return f"{millis // 1000}s"
