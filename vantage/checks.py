@@ -19,14 +19,12 @@ field, e.g. ``checks.yaml:7: check 'web': timeout 5s must be below interval 2s``
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -38,17 +36,32 @@ from pydantic import (
     model_validator,
 )
 
+from .configfile import (
+    ConfigError,
+    line_of,
+    parse_yaml,
+    split_host_port,
+    validation_message,
+)
 from .durations import format_duration, parse_duration
+
+__all__ = [
+    "PROBE_TYPES",
+    "Check",
+    "ConfigError",
+    "HttpCheck",
+    "TcpCheck",
+    "load_checks",
+    "parse_check",
+    "parse_checks",
+    "split_host_port",
+]
 
 PROBE_TYPES = ("http", "tcp")
 MIN_INTERVAL = 1.0
 MAX_INTERVAL = 86_400.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-class ConfigError(Exception):
-    """A configuration input is invalid. ``str()`` is one line naming the problem."""
 
 
 def _duration(value: Any) -> Any:
@@ -125,7 +138,8 @@ class _CheckBase(BaseModel):
     def revision(self) -> int:
         """Changes whenever the spec changes; equal specs give equal revisions, so
         coordinator replicas and restarts agree without shared state."""
-        digest = hashlib.sha256(self.model_dump_json().encode()).digest()
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        digest = hashlib.sha256(canonical.encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1  # fits every signed 64-bit field
 
 
@@ -168,17 +182,6 @@ Check = Annotated[HttpCheck | TcpCheck, Field(discriminator="type")]
 _CHECK: TypeAdapter[HttpCheck | TcpCheck] = TypeAdapter(Check)
 
 
-def split_host_port(target: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError naming the target."""
-    host, sep, port_text = target.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"target {target!r} is not host:port with a port in 1-65535")
-    return host, int(port_text)
-
-
 def parse_check(data: Any) -> HttpCheck | TcpCheck:
     """Validate one check from plain data (a YAML mapping or an API request)."""
     return _CHECK.validate_python(data)
@@ -194,35 +197,29 @@ def load_checks(path: Path) -> tuple[HttpCheck | TcpCheck, ...]:
 
 
 def parse_checks(text: str, source: str) -> tuple[HttpCheck | TcpCheck, ...]:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
-    if data is None:
-        data = {}
+    root, data = parse_yaml(text, source)
     if not isinstance(data, dict) or not isinstance(data.get("checks", []), list):
         raise ConfigError(f"{source}:1: expected a mapping with a 'checks' list")
     unknown = sorted(set(data) - {"checks"})
     if unknown:
-        raise ConfigError(f"{source}:{_line(root, (unknown[0],))}: unknown key {unknown[0]!r}")
+        raise ConfigError(f"{source}:{line_of(root, (unknown[0],))}: unknown key {unknown[0]!r}")
     checks: list[HttpCheck | TcpCheck] = []
     first_line: dict[str, int] = {}
     for index, item in enumerate(data.get("checks") or []):
-        line = _line(root, ("checks", index))
+        line = line_of(root, ("checks", index))
         label = _describe(item, index)
         if isinstance(item, dict) and "type" in item and item["type"] not in PROBE_TYPES:
             raise ConfigError(
-                f"{source}:{_line(root, ('checks', index, 'type'))}: {label}: "
+                f"{source}:{line_of(root, ('checks', index, 'type'))}: {label}: "
                 f"unknown probe type {item['type']!r} (known: {', '.join(PROBE_TYPES)})"
             )
         try:
             check = parse_check(item)
         except ValidationError as exc:
-            raise ConfigError(_first_error(exc, root, source, ("checks", index), label)) from exc
+            message = validation_message(
+                exc, root, source, ("checks", index), label, skip=PROBE_TYPES
+            )
+            raise ConfigError(message) from exc
         if check.name in first_line:
             raise ConfigError(
                 f"{source}:{line}: {label}: duplicate check name "
@@ -237,47 +234,3 @@ def _describe(item: Any, index: int) -> str:
     if isinstance(item, dict) and isinstance(item.get("name"), str):
         return f"check {item['name']!r}"
     return f"checks[{index}]"
-
-
-def _first_error(
-    exc: ValidationError, root: yaml.Node | None, source: str, prefix: tuple[Any, ...], label: str
-) -> str:
-    error = exc.errors(include_url=False)[0]
-    loc = tuple(part for part in error["loc"] if part not in PROBE_TYPES)
-    field = ".".join(str(part) for part in loc)
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "missing":
-        message = f"missing required field {field!r}"
-    elif error["type"] == "extra_forbidden":
-        message = f"unknown field {field!r}"
-    elif error["type"] == "union_tag_not_found":
-        message = "missing required field 'type'"
-    elif field and field not in message:
-        message = f"{field}: {message}"
-    line = _line(root, prefix + loc)
-    return f"{source}:{line}: {label}: {message}"
-
-
-def _line(root: yaml.Node | None, path: Sequence[Any]) -> int:
-    """1-based line of the deepest node of ``path`` that exists in the YAML tree."""
-    node = root
-    line = (node.start_mark.line + 1) if node is not None else 1
-    for part in path:
-        child = _child(node, part)
-        if child is None:
-            break
-        node = child
-        line = node.start_mark.line + 1
-    return line
-
-
-def _child(node: yaml.Node | None, part: Any) -> yaml.Node | None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if key.value == str(part):
-                child: yaml.Node = value
-                return child
-    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-        item: yaml.Node = node.value[part]
-        return item
-    return None

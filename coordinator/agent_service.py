@@ -1,0 +1,439 @@
+"""The agent-facing service (``vantage.v1.AgentService``): one long-lived stream per agent.
+
+Lifecycle of a ``Connect`` stream, as the coordinator runs it:
+
+1. **Authenticate** from the ``authorization: Bearer <token>`` metadata, before anything
+   else. An unknown or missing token ends the stream with UNAUTHENTICATED; so does a token
+   bound to another agent name (known once Hello names the agent). A refused stream
+   creates no fleet or engine state; it is logged (peer and, when the agent sent one, the
+   name it claimed) and counted.
+2. **Hello** must come first, within ``HELLO_TIMEOUT``, with a valid name and region;
+   otherwise INVALID_ARGUMENT.
+3. The agent joins the fleet (replacing an older stream with its name, which ends with
+   ABORTED) and the engine, and is sent Welcome and its full assignments.
+4. Then, in any order: a ResultBatch is folded into the engine and acknowledged with the
+   highest sequence number handled; a Heartbeat is answered; check set changes are pushed
+   as incremental Assignments.
+5. The stream ends when the agent closes it, is silent for ``SILENCE_HEARTBEATS``
+   heartbeat intervals (UNAVAILABLE), is replaced (ABORTED), stops reading so that its
+   outbox fills (RESOURCE_EXHAUSTED), or the server stops. Whatever the cause, the agent
+   leaves the engine and is marked disconnected in the fleet.
+
+Results are dropped (and counted in ``vantage_results_dropped_total``) when they do not
+convert (``invalid``), name a check not currently assigned (``unassigned``) or have a
+sequence number at or below the highest already handled for that agent instance
+(``duplicate``). Dropped results are still acknowledged: the agent must not replay them.
+
+Everything here runs on the event loop; engine and fleet calls are synchronous, so the
+state they see never changes under them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
+
+import grpc
+from structlog.typing import FilteringBoundLogger
+
+from vantage import __version__
+from vantage.logs import get_logger
+from vantage.wire import WireError, check_to_pb, result_from_pb
+from vantage_proto.v1 import agent_pb2, agent_pb2_grpc
+
+from .engine import VerdictEngine
+from .fleet import AgentFleet, AgentHello
+from .metrics import CoordinatorMetrics
+from .registry import CheckChange, CheckRegistry
+from .tokens import AGENT_NAME, AGENT_NAME_RULE, TokenRegistry
+from .transitions import TransitionRecorder
+
+if TYPE_CHECKING:
+    from grpc import aio
+
+    Context: TypeAlias = aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]
+
+log = get_logger("coordinator.agents")
+
+HELLO_TIMEOUT = 10.0
+# How long a refused peer gets to send the Hello that names it, for the log line only.
+REFUSED_HELLO_TIMEOUT = 2.0
+# An agent heartbeats every interval when idle; this many missed in a row ends its stream.
+SILENCE_HEARTBEATS = 3
+# Messages waiting to be written to one agent. Acks and heartbeat answers are small and
+# the agent reads continuously; a full outbox means it stopped reading.
+OUTBOX_CAPACITY = 256
+MAX_CAPABILITIES = 32
+MAX_FIELD = 128
+_US = 1_000_000
+
+
+class _StreamEnd(Exception):
+    """Ends the stream's tasks; ``code`` None is a clean end (the agent closed)."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _AgentStream:
+    """The coordinator's side of one agent stream: a bounded outbox and an end signal.
+
+    ``send`` never blocks; ``transmit`` writes the outbox in order. ``end`` ends the stream
+    at once with a status (even while a write is stuck on an agent that stopped reading);
+    ``finish`` ends it cleanly once everything queued so far has been written.
+    """
+
+    def __init__(self, checks: CheckRegistry, stream_log: FilteringBoundLogger) -> None:
+        # None in the outbox: finish cleanly after the messages queued before it.
+        self._outbox: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = asyncio.Queue(
+            maxsize=OUTBOX_CAPACITY
+        )
+        self._checks = checks
+        self._log = stream_log
+        self._ending: _StreamEnd | None = None
+        self._ended = asyncio.Event()
+
+    def send(self, message: agent_pb2.CoordinatorMessage | None) -> None:
+        if self._ending is not None:
+            return
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.end(
+                f"agent not reading: {OUTBOX_CAPACITY} messages waiting",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+
+    def finish(self) -> None:
+        self.send(None)
+
+    def assign(self, change: CheckChange) -> None:
+        self.send(
+            agent_pb2.CoordinatorMessage(
+                assignments=agent_pb2.Assignments(
+                    full=False,
+                    checks=[check_to_pb(check) for check in change.upserts],
+                    removed=change.removed,
+                )
+            )
+        )
+
+    def assign_all(self) -> None:
+        self.send(
+            agent_pb2.CoordinatorMessage(
+                assignments=agent_pb2.Assignments(
+                    full=True, checks=[check_to_pb(check) for check in self._checks]
+                )
+            )
+        )
+
+    def end(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.ABORTED) -> None:
+        if self._ending is not None:
+            return
+        self._ending = _StreamEnd(code, reason)
+        self._log.info("ending agent stream", why=reason, code=code.name)
+        while not self._outbox.empty():  # nobody will write these; free them now
+            self._outbox.get_nowait()
+        self._ended.set()
+
+    async def transmit(self, context: Context) -> NoReturn:
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                raise _StreamEnd(None, "agent closed the stream")
+            await context.write(message)
+
+    async def wait_end(self) -> NoReturn:
+        await self._ended.wait()
+        assert self._ending is not None
+        raise self._ending
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    """Servicer for ``vantage.v1.AgentService``; see the module docstring for the lifecycle.
+
+    ``checks`` is the coordinator's live check registry; whoever replaces its contents
+    pushes the change to the agents with ``push_assignments``.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: VerdictEngine,
+        fleet: AgentFleet,
+        checks: CheckRegistry,
+        tokens: TokenRegistry,
+        recorder: TransitionRecorder,
+        metrics: CoordinatorMetrics,
+        heartbeat_interval: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._engine = engine
+        self._fleet = fleet
+        self._checks = checks
+        self._tokens = tokens
+        self._recorder = recorder
+        self._metrics = metrics
+        self._heartbeat_interval = heartbeat_interval
+        self._clock = clock
+
+    def push_assignments(self, change: CheckChange) -> None:
+        """Send a check set change to every connected agent (never blocks)."""
+        if change:
+            for link in self._fleet.links():
+                link.assign(change)
+
+    async def Connect(  # type: ignore[override]  # a coroutine writing via context.write
+        self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Context
+    ) -> None:
+        peer = context.peer()
+        messages = aiter(request_iterator)
+        token = _bearer_token(context.invocation_metadata())
+        if token is None or not self._tokens.known(token):
+            claimed = await _claimed_hello(messages)
+            why = "missing bearer token" if token is None else "unknown token"
+            await self._refuse(context, peer, claimed, why)
+        hello = await self._read_hello(messages, context, peer)
+        if not self._tokens.admits(token, hello.name):
+            await self._refuse(context, peer, hello, "token is bound to another agent name")
+        await self._serve(hello, messages, context, peer)
+
+    async def _refuse(
+        self, context: Context, peer: str, hello: AgentHello | None, why: str
+    ) -> NoReturn:
+        self._metrics.auth_failed()
+        log.warning(
+            "agent refused",
+            why=why,
+            peer=peer,
+            agent=None if hello is None else hello.name,
+            region=None if hello is None else hello.region,
+        )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"agent not admitted: {why}")
+
+    async def _read_hello(
+        self,
+        messages: AsyncIterator[agent_pb2.AgentMessage],
+        context: Context,
+        peer: str,
+    ) -> AgentHello:
+        problem: str
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await anext(messages)
+        except TimeoutError:
+            problem = f"no Hello within {HELLO_TIMEOUT:g}s"
+        except StopAsyncIteration:
+            problem = "stream closed before Hello"
+        else:
+            if first.WhichOneof("kind") != "hello":
+                problem = f"the first message must be Hello, not {first.WhichOneof('kind')}"
+            else:
+                try:
+                    return _hello_from_pb(first.hello)
+                except ValueError as exc:
+                    problem = str(exc)
+        log.warning("agent hello refused", peer=peer, why=problem)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    async def _serve(
+        self,
+        hello: AgentHello,
+        messages: AsyncIterator[agent_pb2.AgentMessage],
+        context: Context,
+        peer: str,
+    ) -> None:
+        stream_log: FilteringBoundLogger = log.bind(
+            agent=hello.name, region=hello.region, instance_id=hello.instance_id
+        )
+        stream = _AgentStream(self._checks, stream_log)
+        replaced = self._fleet.connect(hello, stream)
+        self._metrics.stream_opened()
+        ending: _StreamEnd | None = None
+        try:
+            self._recorder.record(
+                self._engine.agent_connected(hello.name, hello.region),
+                agent=hello.name,
+                region=hello.region,
+            )
+            last_seq = self._fleet.last_seq(hello.name, hello.instance_id)
+            stream_log.info(
+                "agent connected",
+                peer=peer,
+                version=hello.version,
+                capabilities=list(hello.capabilities),
+                last_seq=last_seq,
+                replaced=replaced is not None,
+            )
+            # Queued synchronously with the fleet entry, so a reload can only queue its
+            # change after this full set, never before it.
+            stream.send(
+                agent_pb2.CoordinatorMessage(
+                    welcome=agent_pb2.Welcome(
+                        coordinator_version=__version__,
+                        heartbeat_interval_ms=round(self._heartbeat_interval * 1000),
+                        last_seq=last_seq,
+                    )
+                )
+            )
+            stream.assign_all()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._receive(hello, messages, stream, stream_log))
+                    tasks.create_task(stream.transmit(context))
+                    tasks.create_task(stream.wait_end())
+            except* _StreamEnd as group:
+                first = group.exceptions[0]
+                assert isinstance(first, _StreamEnd)
+                ending = first
+        finally:
+            # Synchronous on purpose: this also runs when the RPC is cancelled.
+            self._metrics.stream_closed()
+            if self._fleet.disconnect(hello.name, stream):
+                self._recorder.record(
+                    self._engine.agent_disconnected(hello.name),
+                    agent=hello.name,
+                    region=hello.region,
+                )
+                stream_log.info(
+                    "agent disconnected", why=ending.details if ending else "stream cancelled"
+                )
+        if ending is not None and ending.code is not None:
+            await context.abort(ending.code, ending.details)
+
+    async def _receive(
+        self,
+        hello: AgentHello,
+        messages: AsyncIterator[agent_pb2.AgentMessage],
+        stream: _AgentStream,
+        stream_log: FilteringBoundLogger,
+    ) -> NoReturn:
+        silence = SILENCE_HEARTBEATS * self._heartbeat_interval
+        while True:
+            try:
+                async with asyncio.timeout(silence):
+                    message = await anext(messages)
+            except TimeoutError:
+                raise _StreamEnd(
+                    grpc.StatusCode.UNAVAILABLE, f"no message from the agent for {silence:g}s"
+                ) from None
+            except StopAsyncIteration:
+                # The agent is done sending: deliver what is queued (acks), then end. An
+                # agent that also stops reading cannot hold the stream open for long.
+                stream.finish()
+                await asyncio.sleep(silence)
+                raise _StreamEnd(
+                    grpc.StatusCode.UNAVAILABLE, "agent closed its side and stopped reading"
+                ) from None
+            self._fleet.seen(hello.name)
+            kind = message.WhichOneof("kind")
+            if kind == "results":
+                seq = self._ingest(hello, message.results.results, stream_log)
+                stream.send(agent_pb2.CoordinatorMessage(ack=agent_pb2.ResultAck(seq=seq)))
+            elif kind == "heartbeat":
+                now_us = round(self._clock() * _US)
+                stream.send(
+                    agent_pb2.CoordinatorMessage(heartbeat=agent_pb2.Heartbeat(sent_unix_us=now_us))
+                )
+            elif kind == "hello":
+                raise _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, "Hello sent twice")
+            else:
+                # probe_response is reserved for on-demand checks; nothing asks yet.
+                stream_log.debug("agent message ignored", kind=kind)
+
+    def _ingest(
+        self,
+        hello: AgentHello,
+        results: Sequence[agent_pb2.ProbeResult],
+        stream_log: FilteringBoundLogger,
+    ) -> int:
+        """Fold a batch into the engine; returns the highest sequence number handled.
+
+        A sequence number at or below the highest handled is a replay, dropped as a
+        duplicate before anything else is looked at.
+        """
+        checks = self._checks
+        handled = self._fleet.last_seq(hello.name, hello.instance_id)
+        for message in results:
+            if 0 < message.seq <= handled:
+                self._metrics.result_dropped("duplicate")
+                stream_log.debug(
+                    "result dropped", reason="duplicate", check=message.check, seq=message.seq
+                )
+                continue
+            handled = max(handled, message.seq)
+            try:
+                result = result_from_pb(message)
+            except WireError as exc:
+                self._drop(stream_log, "invalid", message, error=str(exc))
+                continue
+            if result.check not in checks:
+                self._drop(stream_log, "unassigned", message)
+                continue
+            try:
+                transitions = self._engine.observe(hello.name, result)
+            except ValueError as exc:
+                # The engine and the registry are updated together, so this is a bug; the
+                # result is still accounted for rather than lost silently.
+                self._drop(stream_log, "unassigned", message, error=str(exc))
+                continue
+            self._fleet.count_result(hello.name)
+            self._metrics.result_received(hello.region)
+            self._recorder.record(transitions, agent=hello.name, region=hello.region)
+        self._fleet.advance_seq(hello.name, hello.instance_id, handled)
+        return handled
+
+    def _drop(
+        self,
+        stream_log: FilteringBoundLogger,
+        reason: str,
+        message: agent_pb2.ProbeResult,
+        **fields: object,
+    ) -> None:
+        self._metrics.result_dropped(reason)
+        stream_log.warning(
+            "result dropped",
+            reason=reason,
+            check=message.check[:MAX_FIELD],
+            seq=message.seq,
+            **fields,
+        )
+
+
+def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` entry, if there is one."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _hello_from_pb(message: agent_pb2.Hello) -> AgentHello:
+    """Validate a Hello; ValueError (one line) naming the bad field."""
+    if not AGENT_NAME.match(message.name):
+        raise ValueError(f"agent name {message.name[:MAX_FIELD]!r} is invalid ({AGENT_NAME_RULE})")
+    if not AGENT_NAME.match(message.region):
+        raise ValueError(f"region {message.region[:MAX_FIELD]!r} is invalid ({AGENT_NAME_RULE})")
+    return AgentHello(
+        name=message.name,
+        region=message.region,
+        version=message.version[:MAX_FIELD],
+        capabilities=tuple(c[:MAX_FIELD] for c in message.capabilities[:MAX_CAPABILITIES]),
+        instance_id=message.instance_id[:MAX_FIELD],
+    )
+
+
+async def _claimed_hello(messages: AsyncIterator[agent_pb2.AgentMessage]) -> AgentHello | None:
+    """The Hello a refused peer sends, if it comes soon and is valid; only for the log."""
+    try:
+        async with asyncio.timeout(REFUSED_HELLO_TIMEOUT):
+            first = await anext(messages)
+        return _hello_from_pb(first.hello) if first.WhichOneof("kind") == "hello" else None
+    except (TimeoutError, StopAsyncIteration, ValueError, grpc.RpcError):
+        return None

@@ -1,0 +1,123 @@
+"""The coordinator's configuration: typed, frozen and validated once, at load.
+
+A configuration file is YAML; every key is optional::
+
+    listen: 127.0.0.1:7400          # gRPC, for agents and queries; port 0 picks a free port
+    http_listen: 127.0.0.1:9470     # /metrics and /healthz
+    checks_file: checks.yaml        # relative paths resolve against this file's directory
+    tokens_file: tokens.yaml        # without one, no agent is admitted
+    heartbeat_interval: 10s         # how often an idle agent says it is alive
+    per_agent_metrics: false        # per-agent series on /metrics (bounded fleets only)
+    engine:                         # verdict thresholds (coordinator.engine.EngineSettings)
+      min_agents: 3
+      min_regions: 2
+      min_region_agents: 1
+      fail_after: 2
+      recover_after: 2
+      stale_intervals: 2.0
+
+Every problem is one ``ConfigError`` line naming the file, the line and the field, e.g.
+``coordinator.yaml:3: engine.fail_after: must be at least 1`` (see ``vantage.configfile``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vantage.checks import Seconds
+from vantage.configfile import ConfigError, read_yaml, split_host_port, validation_message
+from vantage.durations import format_duration
+
+from .engine import EngineSettings
+
+DEFAULT_LISTEN = "127.0.0.1:7400"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:9470"
+_ENGINE_DEFAULTS = EngineSettings()
+# An agent that misses this many heartbeats in a row is considered gone (see AgentService).
+MIN_HEARTBEAT_INTERVAL = 0.1
+MAX_HEARTBEAT_INTERVAL = 3600.0
+
+
+class EngineConfig(BaseModel):
+    """The ``engine:`` mapping; defaults come from ``EngineSettings`` itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_agents: int = Field(default=_ENGINE_DEFAULTS.min_agents, ge=1)
+    min_regions: int = Field(default=_ENGINE_DEFAULTS.min_regions, ge=1)
+    min_region_agents: int = Field(default=_ENGINE_DEFAULTS.min_region_agents, ge=1)
+    fail_after: int = Field(default=_ENGINE_DEFAULTS.fail_after, ge=1)
+    recover_after: int = Field(default=_ENGINE_DEFAULTS.recover_after, ge=1)
+    stale_intervals: float = Field(default=_ENGINE_DEFAULTS.stale_intervals, gt=0)
+
+    def settings(self) -> EngineSettings:
+        return EngineSettings(**self.model_dump())
+
+
+class CoordinatorConfig(BaseModel):
+    """Everything the coordinator needs to start. Paths are absolute after ``load_config``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    listen: str = DEFAULT_LISTEN
+    http_listen: str = DEFAULT_HTTP_LISTEN
+    checks_file: Path | None = None
+    tokens_file: Path | None = None
+    heartbeat_interval: Seconds = 10.0
+    per_agent_metrics: bool = False
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("listen", "http_listen")
+    @classmethod
+    def _is_host_port(cls, address: str) -> str:
+        split_host_port(address, port_zero=True)
+        return address
+
+    @field_validator("heartbeat_interval")
+    @classmethod
+    def _heartbeat_in_range(cls, seconds: float) -> float:
+        if not MIN_HEARTBEAT_INTERVAL <= seconds <= MAX_HEARTBEAT_INTERVAL:
+            raise ValueError(
+                f"{format_duration(seconds)} is outside "
+                f"{format_duration(MIN_HEARTBEAT_INTERVAL)}..{format_duration(MAX_HEARTBEAT_INTERVAL)}"
+            )
+        return seconds
+
+
+def load_config(path: Path | None) -> CoordinatorConfig:
+    """Read and validate a configuration file; None gives the built-in defaults.
+
+    Relative ``checks_file`` and ``tokens_file`` resolve against the file's directory.
+    Raises ``ConfigError`` (one line: file, line, field) on any problem.
+    """
+    if path is None:
+        return CoordinatorConfig()
+    source = str(path)
+    root, data = read_yaml(path, "config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: expected a mapping of settings")
+    try:
+        config = CoordinatorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, root, source)) from exc
+    base = path.parent
+    return config.model_copy(
+        update={
+            "checks_file": _resolve(base, config.checks_file),
+            "tokens_file": _resolve(base, config.tokens_file),
+        }
+    )
+
+
+def _resolve(base: Path, path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    return (base / path.expanduser()).absolute()
+
+
+def engine_fields() -> tuple[str, ...]:
+    """EngineSettings' field names: the ``engine:`` mapping must cover exactly these."""
+    return tuple(field.name for field in fields(EngineSettings))

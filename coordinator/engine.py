@@ -1,0 +1,533 @@
+"""The verdict engine: folds probe results into one verdict per check, with evidence.
+
+A pure module: no I/O, no protobuf, no asyncio. Time comes from an injected clock
+(wall-clock seconds), so the engine runs the same under a fake clock in tests. The
+coordinator feeds it the fleet's connects and disconnects, the check set and every result,
+calls ``tick()`` about once a second, and publishes the transitions it returns.
+
+How a verdict is reached (v1)
+-----------------------------
+
+1. **Each agent's view of a check** (hysteresis). An agent has no view of a check until
+   its first result. From no view, one success makes the view ``up``, but ``down`` needs
+   ``fail_after`` consecutive failures. From ``up``, ``fail_after`` consecutive failures
+   make it ``down``; from ``down``, ``recover_after`` consecutive successes make it ``up``
+   again. So (with ``fail_after`` above 1) one failed probe never moves a verdict. The
+   engine keeps the agent's latest failure class and message.
+
+2. **Freshness.** A view is *fresh* while the agent is connected and its latest result for
+   the check arrived within ``stale_intervals * interval + timeout`` seconds (the check's
+   *staleness window*), measured on the coordinator's clock when the result was folded,
+   not the agent's timestamp, so agent clock skew does not matter. A connected agent whose
+   view is older counts as ``stale`` in its region; a disconnected agent is not counted
+   anywhere. A stale view is forgotten: the agent's next result starts over as if it were
+   its first (old evidence does not carry hysteresis across a gap).
+
+3. **Regions.** Among a region's fresh agents with a confirmed view (the *counted*
+   agents), the region is ``down`` when strictly more than half of them are down and
+   there are at least ``min_region_agents``; ``up`` when there are enough and it is not
+   down; ``unknown`` otherwise. A fresh agent whose view is not confirmed yet (one failure
+   so far, say) is not counted, and not stale either. ``failure`` is the most common
+   failure class among the region's down agents; a tie goes to the class whose name sorts
+   first, so every coordinator replica names the same class whatever order results
+   arrived in.
+
+4. **The check's verdict**, first match wins:
+
+   - ``unknown`` with fewer than ``min_agents`` counted agents in all, or fewer than
+     ``min_regions`` regions in a known (up/down) state. Never ``up`` on thin evidence.
+   - ``global`` when every known region is down and at least ``min_agents`` agents are
+     down ("down for everyone"). When every known region is down but fewer agents than
+     that, the verdict stays ``unknown`` and the reason says so.
+   - ``regional`` when at least one known region is down and at least one is up.
+   - ``local`` when no region is down but some counted agent's view is down.
+   - ``up`` when every counted view is up.
+
+   ``degraded`` (flapping, slow) is not produced yet: it needs per-view history, which the
+   full engine adds (see ``_classify``).
+
+   Results are folded one at a time, so an outage everyone sees usually passes through
+   ``local`` and ``regional`` on its way to ``global`` as the agents confirm it, within
+   about one interval (and back the same way on recovery).
+
+Every verdict carries its evidence: a ``RegionView`` for each region with a connected
+agent that has reported on the check (unknown regions included), the names of the down
+regions, the dominant failure class over all down agents (same tie rule), the time of
+the last state change and a one-line reason such as ``down in eu (connect_timeout); up
+in ap, us``. Only state changes are transitions; evidence moves without one.
+
+Parameters (``EngineSettings``)
+-------------------------------
+
+``min_agents`` (3)
+    Counted agents needed for any verdict but ``unknown``; also the down agents a
+    ``global`` verdict needs.
+``min_regions`` (2)
+    Regions in a known state needed for any verdict but ``unknown``.
+``min_region_agents`` (1)
+    Counted agents a region needs to be ``up`` or ``down``.
+``fail_after`` (2)
+    Consecutive failures before an agent's view is ``down``.
+``recover_after`` (2)
+    Consecutive successes before a ``down`` view is ``up`` again.
+``stale_intervals`` (2.0)
+    A view older than ``stale_intervals * interval + timeout`` is stale.
+
+Errors: a result for a check the engine does not know, or from an agent that is not
+connected, is a caller bug and raises ``ValueError``; so do invalid settings and a check
+set with a duplicate name. The engine folds every result it is given, in call order:
+recognising duplicates and replays by sequence number is the caller's job.
+
+Cost: ``observe()`` touches one check; when the agent's contribution to it (view, failure
+class, freshness) did not change and nobody else has gone stale, it does not re-evaluate
+at all. A re-evaluation is linear in the check's agents. ``tick()`` scans the checks but
+re-evaluates only those whose earliest fresh view has expired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from vantage.checks import HttpCheck, TcpCheck
+from vantage.results import FailureClass, ProbeResult
+
+from .verdicts import RegionState, RegionView, Transition, Verdict, VerdictState
+
+# Agents named one by one in a ``local`` reason; the rest are summarised as "N more".
+_NAMED_AGENTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """The engine's thresholds; see the module docstring. Validated on construction."""
+
+    min_agents: int = 3
+    min_regions: int = 2
+    min_region_agents: int = 1
+    fail_after: int = 2
+    recover_after: int = 2
+    stale_intervals: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "min_agents",
+            "min_regions",
+            "min_region_agents",
+            "fail_after",
+            "recover_after",
+        ):
+            _require_count(name, getattr(self, name))
+        value = self.stale_intervals
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"stale_intervals must be a number above 0, got {value!r}")
+
+
+def _require_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+class _Agent:
+    """An agent the engine has heard of. Kept while disconnected until its views expire."""
+
+    __slots__ = ("checks", "connected", "last_observed", "name", "region")
+
+    def __init__(self, name: str, region: str) -> None:
+        self.name = name
+        self.region = region
+        self.connected = True
+        self.checks: set[str] = set()  # checks this agent has a view of
+        self.last_observed = -math.inf
+
+
+class _View:
+    """One agent's view of one check: the hysteresis state and its latest failure."""
+
+    __slots__ = ("agent", "failure", "last_success", "message", "observed_at", "run", "up")
+
+    def __init__(self, agent: _Agent) -> None:
+        self.agent = agent
+        self.up: bool | None = None  # the confirmed view; None until confirmed
+        self.last_success = True
+        self.run = 0  # consecutive results equal to last_success
+        self.observed_at = -math.inf
+        self.failure: FailureClass | None = None
+        self.message = ""
+
+    def forget(self) -> None:
+        self.up = None
+        self.run = 0
+
+    def contribution(self) -> tuple[bool | None, FailureClass | None]:
+        """What this (fresh) view adds to the verdict's evidence."""
+        return (self.up, self.failure if self.up is False else None)
+
+    def fold(self, result: ProbeResult, now: float, fail_after: int, recover_after: int) -> None:
+        success = result.success
+        if success == self.last_success:
+            self.run += 1
+        else:
+            self.last_success = success
+            self.run = 1
+        if success:
+            needed = 1 if self.up is None else recover_after
+            if self.up is not True and self.run >= needed:
+                self.up = True
+        else:
+            self.failure = result.failure
+            self.message = result.outcome.message
+            if self.up is not False and self.run >= fail_after:
+                self.up = False
+        self.observed_at = now
+
+
+class _Check:
+    __slots__ = ("name", "next_expiry", "verdict", "views", "window")
+
+    def __init__(self, name: str, window: float, verdict: Verdict) -> None:
+        self.name = name
+        self.window = window  # staleness window, seconds
+        self.views: dict[str, _View] = {}
+        self.verdict = verdict
+        # When the first fresh view of a connected agent goes stale, as of the last
+        # evaluation. Only a lower bound afterwards (results make views fresher), so
+        # re-evaluating once it has passed is never late, at worst early.
+        self.next_expiry = math.inf
+
+
+class _Tally:
+    __slots__ = ("failing", "stale", "up")
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.stale = 0
+        self.failing: list[tuple[str, FailureClass | None]] = []
+
+
+@dataclass(frozen=True, slots=True)
+class _Evaluation:
+    state: VerdictState
+    regions: dict[str, RegionView]
+    regions_down: tuple[str, ...]
+    failure: FailureClass | None
+    reason: str
+    next_expiry: float
+
+
+class VerdictEngine:
+    """Verdicts for the current check set from the connected agents' results.
+
+    Every method that changes inputs returns the verdict state changes it caused, in
+    check-name order; ``verdict()`` and ``verdicts()`` return the current verdicts with
+    their evidence as of the last call that changed inputs or ``tick()``. Not thread-safe:
+    one caller (the coordinator's event loop) drives it.
+    """
+
+    def __init__(self, settings: EngineSettings, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._checks: dict[str, _Check] = {}
+        self._agents: dict[str, _Agent] = {}
+        self._longest_window = 0.0
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def set_checks(self, checks: Iterable[HttpCheck | TcpCheck]) -> list[Transition]:
+        """Replace the check set.
+
+        A new check starts ``unknown`` (``since`` is now; no transition). A removed check
+        disappears with every agent's view of it. A kept check keeps its state, whatever
+        changed in its spec; a changed interval or timeout changes its staleness window at
+        once, which may cause a transition. ValueError on a duplicate name, before any
+        change.
+        """
+        specs: dict[str, HttpCheck | TcpCheck] = {}
+        for spec in checks:
+            if spec.name in specs:
+                raise ValueError(f"duplicate check name {spec.name!r}")
+            specs[spec.name] = spec
+        now = self._clock()
+        for name in [name for name in self._checks if name not in specs]:
+            for view in self._checks.pop(name).views.values():
+                view.agent.checks.discard(name)
+        transitions: list[Transition] = []
+        for name in sorted(specs):
+            spec = specs[name]
+            window = self._settings.stale_intervals * spec.interval + spec.timeout
+            check = self._checks.get(name)
+            if check is None:
+                first = Verdict(name, VerdictState.UNKNOWN, now)
+                check = self._checks[name] = _Check(name, window, first)
+                self._refresh(check, now)
+            elif window != check.window:
+                check.window = window
+                self._collect(transitions, check, now)
+        self._longest_window = max((check.window for check in self._checks.values()), default=0.0)
+        return transitions
+
+    def agent_connected(self, agent: str, region: str) -> list[Transition]:
+        """An agent's stream is up. Its views that are still fresh count again at once.
+
+        Connecting an already connected agent with another region moves its views to the
+        new region; with the same region it changes nothing.
+        """
+        if not agent or not region:
+            raise ValueError("an agent needs a name and a region")
+        member = self._agents.get(agent)
+        if member is None:
+            self._agents[agent] = _Agent(agent, region)
+            return []  # no views yet, so no verdict can change
+        if member.connected and member.region == region:
+            return []
+        member.connected = True
+        member.region = region
+        return self._refresh_all(member.checks)
+
+    def agent_disconnected(self, agent: str) -> list[Transition]:
+        """An agent's stream is gone: its views drop out of every count at once.
+
+        Idempotent: an unknown or already disconnected agent changes nothing. The views are
+        kept (not counted) until they would be stale, so a quick reconnect resumes them.
+        """
+        member = self._agents.get(agent)
+        if member is None or not member.connected:
+            return []
+        member.connected = False
+        return self._refresh_all(member.checks)
+
+    def observe(self, agent: str, result: ProbeResult) -> list[Transition]:
+        """Fold one result from a connected agent into that agent's view of its check.
+
+        Re-evaluates only ``result.check``. ValueError when the check is unknown or the
+        agent is not connected (the caller filters first). Freshness is measured from
+        now on the engine's clock, not from the agent's ``started_at``.
+        """
+        check = self._checks.get(result.check)
+        if check is None:
+            raise ValueError(f"result for unknown check {result.check!r}")
+        member = self._agents.get(agent)
+        if member is None or not member.connected:
+            raise ValueError(f"result from agent {agent!r}, which is not connected")
+        now = self._clock()
+        view = check.views.get(agent)
+        before: tuple[bool | None, FailureClass | None] | None = None
+        if view is None:
+            view = check.views[agent] = _View(member)
+            member.checks.add(check.name)
+        elif view.observed_at + check.window < now:
+            view.forget()
+        else:
+            before = view.contribution()
+        settings = self._settings
+        view.fold(result, now, settings.fail_after, settings.recover_after)
+        member.last_observed = now
+        # The steady state: this agent still says what it said, and nobody has gone stale
+        # since the last evaluation, so the stored verdict and evidence are still exact.
+        if before is not None and before == view.contribution() and now <= check.next_expiry:
+            return []
+        transitions: list[Transition] = []
+        self._collect(transitions, check, now)
+        return transitions
+
+    def tick(self) -> list[Transition]:
+        """Re-evaluate the checks where a view has gone stale since their last evaluation,
+        and forget disconnected agents whose views have all expired."""
+        now = self._clock()
+        transitions: list[Transition] = []
+        for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
+            self._collect(transitions, self._checks[name], now)
+        horizon = now - self._longest_window
+        for member in [m for m in self._agents.values() if not m.connected]:
+            if member.last_observed < horizon:
+                # Nothing of it is counted or could become fresh again: drop it all.
+                for name in member.checks:
+                    del self._checks[name].views[member.name]
+                del self._agents[member.name]
+        return transitions
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def verdict(self, check: str) -> Verdict | None:
+        """The check's current verdict, or None when the check is not in the set."""
+        state = self._checks.get(check)
+        return state.verdict if state is not None else None
+
+    def verdicts(self) -> list[Verdict]:
+        """Every check's current verdict, sorted by check name."""
+        return [self._checks[name].verdict for name in sorted(self._checks)]
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def _refresh_all(self, names: Iterable[str]) -> list[Transition]:
+        now = self._clock()
+        transitions: list[Transition] = []
+        for name in sorted(names):
+            self._collect(transitions, self._checks[name], now)
+        return transitions
+
+    def _collect(self, transitions: list[Transition], check: _Check, now: float) -> None:
+        transition = self._refresh(check, now)
+        if transition is not None:
+            transitions.append(transition)
+
+    def _refresh(self, check: _Check, now: float) -> Transition | None:
+        """Re-evaluate one check and store its verdict; the transition if the state moved."""
+        evaluation = self._evaluate(check, now)
+        check.next_expiry = evaluation.next_expiry
+        previous = check.verdict.state
+        changed = evaluation.state is not previous
+        check.verdict = Verdict(
+            check=check.name,
+            state=evaluation.state,
+            since=now if changed else check.verdict.since,
+            regions=evaluation.regions,
+            regions_down=evaluation.regions_down,
+            failure=evaluation.failure,
+            reason=evaluation.reason,
+        )
+        return Transition(check.name, previous, check.verdict, now) if changed else None
+
+    def _evaluate(self, check: _Check, now: float) -> _Evaluation:
+        """The verdict the check's views support at ``now``; stores nothing."""
+        settings = self._settings
+        tallies: dict[str, _Tally] = {}
+        next_expiry = math.inf
+        for name, view in check.views.items():
+            member = view.agent
+            if not member.connected:
+                continue
+            tally = tallies.get(member.region)
+            if tally is None:
+                tally = tallies[member.region] = _Tally()
+            expiry = view.observed_at + check.window
+            if expiry < now:
+                tally.stale += 1
+                continue
+            if expiry < next_expiry:
+                next_expiry = expiry
+            if view.up is True:
+                tally.up += 1
+            elif view.up is False:
+                tally.failing.append((name, view.failure))
+            # else: fresh but not yet confirmed (e.g. one failure so far): not counted
+
+        regions: dict[str, RegionView] = {}
+        failing: list[tuple[str, FailureClass | None]] = []
+        counted = stale = 0
+        for region in sorted(tallies):
+            tally = tallies[region]
+            tally.failing.sort()
+            down = len(tally.failing)
+            members = tally.up + down
+            if members < settings.min_region_agents:
+                region_state = RegionState.UNKNOWN
+            elif 2 * down > members:
+                region_state = RegionState.DOWN
+            else:
+                region_state = RegionState.UP
+            regions[region] = RegionView(
+                state=region_state,
+                up=tally.up,
+                down=down,
+                stale=tally.stale,
+                failure=_dominant(failure for _, failure in tally.failing),
+                failing_agents=tuple(name for name, _ in tally.failing),
+            )
+            failing.extend(tally.failing)
+            counted += members
+            stale += tally.stale
+        failing.sort()
+        state, reason = self._classify(regions, counted, stale, failing)
+        return _Evaluation(
+            state=state,
+            regions=regions,
+            regions_down=tuple(r for r, v in regions.items() if v.state is RegionState.DOWN),
+            failure=_dominant(failure for _, failure in failing),
+            reason=reason,
+            next_expiry=next_expiry,
+        )
+
+    def _classify(
+        self,
+        regions: dict[str, RegionView],
+        counted: int,
+        stale: int,
+        failing: list[tuple[str, FailureClass | None]],
+    ) -> tuple[VerdictState, str]:
+        """The verdict state and its one-line reason from the region views.
+
+        The full engine's seam: agent impairment filters ``failing`` before this point,
+        and ``degraded`` (flapping or slow views) is decided here, after the ``unknown``
+        gate and before the failure states.
+        """
+        settings = self._settings
+        down = [r for r, v in regions.items() if v.state is RegionState.DOWN]
+        up = [r for r, v in regions.items() if v.state is RegionState.UP]
+        known = len(down) + len(up)
+        if counted < settings.min_agents:
+            having = f"only {counted}" if counted else "no"
+            stale_note = f" ({stale} stale)" if stale else ""
+            return (
+                VerdictState.UNKNOWN,
+                f"{having} fresh {_plural(counted, 'agent')}, "
+                f"{settings.min_agents} needed{stale_note}",
+            )
+        if known < settings.min_regions:
+            having = f"only {known} {_plural(known, 'region')}" if known else "no region"
+            listed = f" ({', '.join(sorted(down + up))})" if known else ""
+            return (
+                VerdictState.UNKNOWN,
+                f"{having} with enough fresh agents{listed}, {settings.min_regions} needed",
+            )
+        if down and not up:
+            if len(failing) < settings.min_agents:
+                return (
+                    VerdictState.UNKNOWN,
+                    f"down in every region ({', '.join(down)}) but from only "
+                    f"{len(failing)} {_plural(len(failing), 'agent')}, "
+                    f"{settings.min_agents} needed",
+                )
+            return (
+                VerdictState.GLOBAL,
+                f"down from {len(failing)}/{counted} agents in {len(down)} "
+                f"{_plural(len(down), 'region')}{_parenthesised(_dominant(f for _, f in failing))}",
+            )
+        if down:
+            where = ", ".join(f"{r}{_parenthesised(regions[r].failure)}" for r in down)
+            return VerdictState.REGIONAL, f"down in {where}; up in {', '.join(up)}"
+        if failing:
+            named = [f"{name}{_parenthesised(failure)}" for name, failure in failing]
+            if len(named) > _NAMED_AGENTS:
+                named[_NAMED_AGENTS:] = [f"{len(named) - _NAMED_AGENTS} more"]
+            return (
+                VerdictState.LOCAL,
+                f"failing from {len(failing)}/{counted} agents: {', '.join(named)}",
+            )
+        return (
+            VerdictState.UP,
+            f"up from {counted}/{counted} agents in {known} {_plural(known, 'region')}",
+        )
+
+
+def _dominant(failures: Iterable[FailureClass | None]) -> FailureClass | None:
+    """The most common failure class; a tie goes to the name that sorts first."""
+    counts = Counter(failure for failure in failures if failure is not None)
+    if not counts:
+        return None
+    return min(counts, key=lambda failure: (-counts[failure], failure.value))
+
+
+def _parenthesised(failure: FailureClass | None) -> str:
+    return f" ({failure.value})" if failure is not None else ""
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"

@@ -1,0 +1,173 @@
+"""Recording verdict transitions: numbered, logged, counted and published to watchers.
+
+Every ``Transition`` the engine returns goes through ``TransitionRecorder.record``:
+
+1. ``TransitionLog`` gives it the next id (ids increase by one per recorded transition)
+   and keeps recent ones in memory. Persistence is a later issue: a store that survives
+   restarts replaces ``TransitionLog`` behind the same ``append``/``last_id`` seam, so ids
+   keep increasing across restarts and replicas can be de-duplicated by id.
+2. One info log line names the check, the state, the previous state and the evidence.
+3. ``vantage_verdict_transitions_total`` counts it.
+4. ``TransitionFeed`` hands it to every watcher without blocking: each watcher has a
+   bounded queue, and a watcher whose queue is full is cut off (it must re-list and watch
+   again) rather than slowing down ingest or the other watchers.
+
+Exceptions: ``WatcherOverflow`` (raised to a watcher that fell behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vantage.logs import get_logger
+
+from .metrics import CoordinatorMetrics
+from .verdicts import Transition
+
+log = get_logger("coordinator.transitions")
+
+DEFAULT_WATCH_QUEUE = 1024
+DEFAULT_KEPT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTransition:
+    """A transition with the id the coordinator gave it."""
+
+    id: int
+    transition: Transition
+
+
+class TransitionLog:
+    """Numbers transitions and keeps the most recent ``keep`` of them, in memory."""
+
+    def __init__(self, *, last_id: int = 0, keep: int = DEFAULT_KEPT) -> None:
+        self._last_id = last_id
+        self._recent: deque[RecordedTransition] = deque(maxlen=keep)
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    def append(self, transition: Transition) -> RecordedTransition:
+        self._last_id += 1
+        recorded = RecordedTransition(self._last_id, transition)
+        self._recent.append(recorded)
+        return recorded
+
+    def recent(self) -> list[RecordedTransition]:
+        """The kept transitions, oldest first."""
+        return list(self._recent)
+
+
+class WatcherOverflow(Exception):
+    """The watcher did not keep up: its queue filled and it was cut off."""
+
+
+class Watcher:
+    """One subscription to the feed: iterate it for transitions from subscription on.
+
+    Iteration raises ``WatcherOverflow`` once the watcher has fallen ``capacity``
+    transitions behind; it never ends otherwise. Use as a context manager so it is
+    unsubscribed however the watching ends.
+    """
+
+    def __init__(self, feed: TransitionFeed, capacity: int) -> None:
+        self._feed = feed
+        self._queue: asyncio.Queue[RecordedTransition] = asyncio.Queue(maxsize=capacity)
+        self.overflowed = False
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._feed.unsubscribe(self)
+
+    def offer(self, recorded: RecordedTransition) -> bool:
+        """Queue without blocking; False (and the watcher is cut off) when full."""
+        if self.overflowed:
+            return False
+        try:
+            self._queue.put_nowait(recorded)
+        except asyncio.QueueFull:
+            # No reader can be blocked in get() on a full queue: the reader sees the flag
+            # when it comes back for the next transition.
+            self.overflowed = True
+            return False
+        return True
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> RecordedTransition:
+        if self.overflowed:
+            raise WatcherOverflow(
+                f"watcher fell {self._queue.maxsize} transitions behind and was cut off"
+            )
+        return await self._queue.get()
+
+
+class TransitionFeed:
+    """Fans recorded transitions out to watchers; publishing never blocks."""
+
+    def __init__(self, metrics: CoordinatorMetrics, capacity: int = DEFAULT_WATCH_QUEUE) -> None:
+        self._metrics = metrics
+        self._capacity = capacity
+        self._watchers: set[Watcher] = set()
+
+    def subscribe(self) -> Watcher:
+        watcher = Watcher(self, self._capacity)
+        self._watchers.add(watcher)
+        self._metrics.watcher_opened()
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+            self._metrics.watcher_closed()
+
+    def publish(self, recorded: RecordedTransition) -> None:
+        for watcher in list(self._watchers):
+            if not watcher.offer(recorded):
+                log.warning(
+                    "verdict watcher cut off",
+                    check=recorded.transition.check,
+                    transition_id=recorded.id,
+                    queue=self._capacity,
+                )
+                self._metrics.watcher_overflowed()
+                self.unsubscribe(watcher)
+
+
+class TransitionRecorder:
+    """The one way transitions leave the engine: numbered, logged, counted, published."""
+
+    def __init__(
+        self, log_: TransitionLog, feed: TransitionFeed, metrics: CoordinatorMetrics
+    ) -> None:
+        self.log = log_
+        self.feed = feed
+        self._metrics = metrics
+
+    def record(self, transitions: Iterable[Transition], **cause: str) -> None:
+        """Record each transition in order. ``cause`` (e.g. the ``agent`` and ``region``
+        whose result or disconnect moved the verdict) is added to the log line."""
+        for transition in transitions:
+            recorded = self.log.append(transition)
+            verdict = transition.verdict
+            log.info(
+                "verdict changed",
+                check=transition.check,
+                state=verdict.state.value,
+                previous=None if transition.previous is None else transition.previous.value,
+                regions_down=list(verdict.regions_down),
+                failure=None if verdict.failure is None else verdict.failure.value,
+                reason=verdict.reason,
+                transition_id=recorded.id,
+                **cause,
+            )
+            self._metrics.transition(transition.check, verdict.state)
+            self.feed.publish(recorded)

@@ -1,0 +1,696 @@
+"""The verdict engine: hysteresis, freshness, regions and verdicts, with a fake clock."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.engine import EngineSettings, VerdictEngine
+from coordinator.verdicts import RegionState, RegionView, Transition, VerdictState
+from vantage.checks import HttpCheck, TcpCheck, parse_check
+from vantage.results import FailureClass, ProbeOutcome, ProbeResult
+
+T0 = 1_800_000_000.0
+# interval 30s, timeout 10s: with the default stale_intervals=2 a view is fresh for 70s.
+WINDOW = 70.0
+FLEET = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "us-2": "us", "ap-1": "ap", "ap-2": "ap"}
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+_seq = itertools.count(1)
+
+
+def check(name: str = "web", interval: float = 30, timeout: float = 10) -> HttpCheck | TcpCheck:
+    return parse_check(
+        {
+            "name": name,
+            "type": "http",
+            "target": "http://example.org/",
+            "interval": interval,
+            "timeout": timeout,
+        }
+    )
+
+
+def result(name: str, failure: FailureClass | None = None, at: float = T0) -> ProbeResult:
+    outcome = (
+        ProbeOutcome(True) if failure is None else ProbeOutcome.failed(failure, f"{failure} here")
+    )
+    return ProbeResult(name, 1, next(_seq), at, 0.05, outcome)
+
+
+def engine_with_fleet(
+    clock: FakeClock, checks: tuple[str, ...] = ("web",), **overrides: Any
+) -> VerdictEngine:
+    engine = VerdictEngine(EngineSettings(**overrides), clock)
+    engine.set_checks(check(name) for name in checks)
+    for agent, region in FLEET.items():
+        engine.agent_connected(agent, region)
+    return engine
+
+
+def report(
+    engine: VerdictEngine,
+    failures: dict[str, FailureClass] | None = None,
+    agents: Any = FLEET,
+    name: str = "web",
+) -> list[Transition]:
+    """One round: every agent in ``agents`` reports; those in ``failures`` fail."""
+    failures = failures or {}
+    transitions: list[Transition] = []
+    for agent in agents:
+        transitions += engine.observe(agent, result(name, failures.get(agent)))
+    return transitions
+
+
+def state(engine: VerdictEngine, name: str = "web") -> VerdictState:
+    verdict = engine.verdict(name)
+    assert verdict is not None
+    return verdict.state
+
+
+# -- example scenarios -------------------------------------------------------------------
+
+
+def test_three_regions_of_two_agents_seeing_it_work_make_it_up() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    clock.advance(5)
+
+    transitions = report(engine)
+
+    assert [(t.previous, t.verdict.state, t.at) for t in transitions] == [
+        (VerdictState.UNKNOWN, VerdictState.UP, T0 + 5)
+    ]
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.UP
+    assert verdict.since == T0 + 5
+    assert verdict.regions == {r: RegionView(RegionState.UP, up=2) for r in ("ap", "eu", "us")}
+    assert verdict.regions_down == ()
+    assert verdict.failure is None
+    assert verdict.reason == "up from 6/6 agents in 3 regions"
+
+
+def test_global_needs_fail_after_rounds_not_one() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+
+    clock.advance(30)
+    assert report(engine, everyone_refused) == []
+    assert state(engine) is VerdictState.UP
+
+    clock.advance(30)
+    transitions = report(engine, everyone_refused)
+
+    # Results are folded one at a time, so the verdict escalates as agents confirm.
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.UP, VerdictState.LOCAL),  # eu-1
+        (VerdictState.LOCAL, VerdictState.REGIONAL),  # eu-2: eu is down
+        (VerdictState.REGIONAL, VerdictState.GLOBAL),  # ap-2: the last region is down
+    ]
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.GLOBAL
+    assert verdict.since == T0 + 60
+    assert verdict.regions_down == ("ap", "eu", "us")
+    assert verdict.failure is FailureClass.CONNECT_REFUSED
+    assert verdict.reason == "down from 6/6 agents in 3 regions (connect_refused)"
+    assert verdict.regions["eu"] == RegionView(
+        RegionState.DOWN,
+        down=2,
+        failure=FailureClass.CONNECT_REFUSED,
+        failing_agents=("eu-1", "eu-2"),
+    )
+
+
+def test_one_failing_agent_is_local() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+
+    report(engine, {"eu-1": FailureClass.TIMEOUT})
+    assert state(engine) is VerdictState.UP, "one failed probe never moves a verdict"
+    transitions = report(engine, {"eu-1": FailureClass.TIMEOUT})
+
+    assert [t.verdict.state for t in transitions] == [VerdictState.LOCAL]
+    verdict = transitions[0].verdict
+    assert verdict.regions_down == ()
+    assert verdict.failure is FailureClass.TIMEOUT
+    assert verdict.regions["eu"] == RegionView(
+        RegionState.UP, up=1, down=1, failure=FailureClass.TIMEOUT, failing_agents=("eu-1",)
+    )
+    assert verdict.reason == "failing from 1/6 agents: eu-1 (timeout)"
+
+
+def test_a_whole_region_failing_is_regional() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    eu_times_out = {"eu-1": FailureClass.CONNECT_TIMEOUT, "eu-2": FailureClass.CONNECT_TIMEOUT}
+
+    report(engine, eu_times_out)
+    transitions = report(engine, eu_times_out)
+
+    assert [t.verdict.state for t in transitions] == [VerdictState.LOCAL, VerdictState.REGIONAL]
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.regions_down == ("eu",)
+    assert verdict.failure is FailureClass.CONNECT_TIMEOUT
+    assert verdict.regions["eu"].failing_agents == ("eu-1", "eu-2")
+    assert verdict.regions["us"].state is RegionState.UP
+    assert verdict.reason == "down in eu (connect_timeout); up in ap, us"
+
+
+def test_recovery_needs_recover_after_successes_in_a_row() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, recover_after=3)
+    report(engine)
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+    report(engine, everyone_refused)
+    report(engine, everyone_refused)
+    assert state(engine) is VerdictState.GLOBAL
+
+    report(engine)
+    report(engine)
+    report(engine, everyone_refused)  # a relapse restarts the count
+    report(engine)
+    report(engine)
+    assert state(engine) is VerdictState.GLOBAL
+    transitions = report(engine)
+
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.GLOBAL, VerdictState.REGIONAL),  # eu-1: eu is up again
+        (VerdictState.REGIONAL, VerdictState.LOCAL),  # ap-1: no region is down
+        (VerdictState.LOCAL, VerdictState.UP),  # ap-2
+    ]
+
+
+def test_from_no_view_one_success_confirms_up_but_one_failure_confirms_nothing() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+
+    report(engine, dict.fromkeys(FLEET, FailureClass.DNS_NXDOMAIN))
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.UNKNOWN
+    assert verdict.reason == "no fresh agents, 3 needed"
+
+    report(engine, dict.fromkeys(FLEET, FailureClass.DNS_NXDOMAIN))
+    assert state(engine) is VerdictState.GLOBAL
+
+
+def test_stale_results_make_it_unknown_never_up() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+
+    clock.advance(WINDOW)
+    assert engine.tick() == [], "a view exactly at the window's edge is still fresh"
+    clock.advance(0.5)
+    transitions = engine.tick()
+
+    assert [(t.previous, t.verdict.state, t.at) for t in transitions] == [
+        (VerdictState.UP, VerdictState.UNKNOWN, T0 + WINDOW + 0.5)
+    ]
+    stale = transitions[0].verdict
+    assert stale.regions["eu"] == RegionView(RegionState.UNKNOWN, stale=2)
+    assert stale.reason == "no fresh agents, 3 needed (6 stale)"
+
+    # Two fresh agents are not enough evidence for "up", whatever they say.
+    assert report(engine, agents=["eu-1", "us-1"]) == []
+    thin = engine.verdict("web")
+    assert thin is not None
+    assert thin.state is VerdictState.UNKNOWN
+    assert thin.reason == "only 2 fresh agents, 3 needed (4 stale)"
+
+
+def test_a_stale_view_is_forgotten_so_hysteresis_starts_over() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+    report(engine, everyone_refused)
+    report(engine, everyone_refused)
+    assert state(engine) is VerdictState.GLOBAL
+
+    clock.advance(WINDOW + 1)
+    report(engine)  # after a gap, one success is a first result again
+
+    assert state(engine) is VerdictState.UP
+
+
+def test_disconnects_drop_views_at_once_and_below_min_agents_it_is_unknown() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+
+    assert engine.agent_disconnected("eu-1") == []
+    assert engine.agent_disconnected("us-1") == []
+    assert engine.agent_disconnected("us-1") == [], "disconnecting twice changes nothing"
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.UP
+    assert verdict.regions["eu"] == RegionView(RegionState.UP, up=1), "not counted, not stale"
+
+    assert engine.agent_disconnected("ap-1") == [], "3 agents are still enough"
+    transitions = engine.agent_disconnected("ap-2")
+    assert [t.verdict.state for t in transitions] == [VerdictState.UNKNOWN]
+    assert transitions[0].verdict.reason == "only 2 fresh agents, 3 needed"
+    assert sorted(transitions[0].verdict.regions) == ["eu", "us"]
+
+    # A quick reconnect brings the agent's still-fresh view back at once.
+    clock.advance(10)
+    transitions = engine.agent_connected("ap-1", "ap")
+    assert [t.verdict.state for t in transitions] == [VerdictState.UP]
+
+
+def test_evidence_moves_without_a_transition() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    report(engine, {"eu-1": FailureClass.TIMEOUT})
+    report(engine, {"eu-1": FailureClass.TIMEOUT})
+    assert state(engine) is VerdictState.LOCAL
+
+    assert report(engine, {"eu-1": FailureClass.TLS_HANDSHAKE}) == []
+
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.failure is FailureClass.TLS_HANDSHAKE
+    assert verdict.regions["eu"].failure is FailureClass.TLS_HANDSHAKE
+    assert verdict.reason == "failing from 1/6 agents: eu-1 (tls_handshake)"
+
+
+def test_a_result_brings_its_check_up_to_date_between_ticks() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine, agents=["eu-1", "eu-2", "us-1", "us-2"])
+    clock.advance(WINDOW - 10)
+    report(engine, agents=["eu-1", "us-1"])
+    clock.advance(20)  # eu-2 and us-2 are stale now, but nobody has called tick()
+
+    transitions = engine.observe("eu-1", result("web"))
+
+    assert [t.verdict.state for t in transitions] == [VerdictState.UNKNOWN]
+    assert transitions[0].verdict.reason == "only 2 fresh agents, 3 needed (2 stale)"
+
+
+def test_a_region_with_only_disconnected_agents_is_not_listed() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+
+    engine.agent_disconnected("ap-1")
+    engine.agent_disconnected("ap-2")
+
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert sorted(verdict.regions) == ["eu", "us"]
+    assert verdict.state is VerdictState.UP
+
+
+def test_too_few_regions_is_unknown() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine, agents=["eu-1", "eu-2"])
+    engine.agent_connected("eu-3", "eu")
+    report(engine, agents=["eu-3"])
+
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.UNKNOWN
+    assert verdict.reason == "only 1 region with enough fresh agents (eu), 2 needed"
+
+
+def test_every_region_down_from_too_few_agents_is_unknown_not_global() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, min_agents=4)
+    report(engine, agents=["eu-1", "eu-2", "us-1"])  # eu-2 stays up
+    refused = {"eu-1": FailureClass.CONNECT_REFUSED, "us-1": FailureClass.CONNECT_REFUSED}
+    report(engine, refused, agents=["eu-1", "us-1"])
+    report(engine, refused, agents=["eu-1", "us-1"])
+    report(engine, agents=["eu-2"])
+    engine.agent_connected("us-3", "us")
+    report(engine, {"us-3": FailureClass.CONNECT_REFUSED}, agents=["us-3"])
+    report(engine, {"us-3": FailureClass.CONNECT_REFUSED}, agents=["us-3"])
+    engine.agent_connected("eu-3", "eu")
+    report(engine, {"eu-3": FailureClass.TIMEOUT}, agents=["eu-3"])
+    report(engine, {"eu-3": FailureClass.TIMEOUT}, agents=["eu-3"])
+
+    # eu: 2 of 3 down, us: 2 of 2 down -> both regions down, 4 agents down: global.
+    assert state(engine) is VerdictState.GLOBAL
+    engine.agent_disconnected("us-3")  # us: 1 of 1 down; 3 agents down, 4 needed
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.UNKNOWN
+    assert verdict.regions_down == ("eu", "us")
+    assert verdict.reason == "down in every region (eu, us) but from only 3 agents, 4 needed"
+
+
+def test_dominant_failure_ties_go_to_the_class_name_sorting_first() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    mixed = {"us-1": FailureClass.TIMEOUT, "eu-1": FailureClass.HTTP_STATUS}
+
+    report(engine, mixed)
+    report(engine, mixed)
+
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.state is VerdictState.LOCAL
+    assert verdict.failure is FailureClass.HTTP_STATUS
+    assert verdict.reason == "failing from 2/6 agents: eu-1 (http_status), us-1 (timeout)"
+
+
+def test_a_new_check_starts_unknown_without_a_transition() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    clock.advance(3)
+
+    assert engine.set_checks([check("web"), check("api")]) == []
+
+    verdict = engine.verdict("api")
+    assert verdict is not None
+    assert verdict.state is VerdictState.UNKNOWN
+    assert verdict.since == T0 + 3
+    assert verdict.regions == {}
+    assert state(engine, "web") is VerdictState.UP, "a kept check keeps its state"
+    assert [v.check for v in engine.verdicts()] == ["api", "web"]
+
+
+def test_a_removed_check_disappears_with_its_state() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, checks=("web", "api"))
+    report(engine)
+
+    assert engine.set_checks([check("api")]) == []
+
+    assert engine.verdict("web") is None
+    assert [v.check for v in engine.verdicts()] == ["api"]
+    with pytest.raises(ValueError, match="unknown check 'web'"):
+        engine.observe("eu-1", result("web"))
+    engine.set_checks([check("api"), check("web")])
+    assert state(engine) is VerdictState.UNKNOWN, "re-adding starts from scratch"
+
+
+def test_a_longer_interval_is_taken_over_keeping_state() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    clock.advance(WINDOW + 1)
+
+    # 2 * 60s + 10s: the views are fresh again under the new window.
+    assert engine.set_checks([check("web", interval=60)]) == []
+    assert engine.tick() == []
+    assert state(engine) is VerdictState.UP
+
+    transitions = engine.set_checks([check("web", interval=20, timeout=5)])
+    assert [t.verdict.state for t in transitions] == [VerdictState.UNKNOWN]
+
+
+def test_results_from_unconnected_agents_are_refused() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    engine.agent_disconnected("eu-1")
+
+    with pytest.raises(ValueError, match="not connected"):
+        engine.observe("eu-1", result("web"))
+    with pytest.raises(ValueError, match="not connected"):
+        engine.observe("nobody", result("web"))
+
+
+def test_freshness_uses_the_engine_clock_not_the_agent_timestamp() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    for agent in FLEET:
+        engine.observe(agent, result("web", at=T0 - 3600))  # an agent clock an hour behind
+
+    assert state(engine) is VerdictState.UP
+
+
+def test_an_agent_moving_region_moves_its_views() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+
+    engine.agent_connected("ap-2", "sa")
+
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.regions["ap"] == RegionView(RegionState.UP, up=1)
+    assert verdict.regions["sa"] == RegionView(RegionState.UP, up=1)
+
+
+def test_disconnected_agents_are_forgotten_once_their_views_expire() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    engine.agent_disconnected("eu-1")
+
+    clock.advance(WINDOW + 1)
+    engine.tick()
+    engine.agent_connected("eu-1", "eu")
+
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.regions["eu"].stale == 1, "only eu-2, still connected, counts as stale"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("min_agents", 0),
+        ("min_regions", -1),
+        ("min_region_agents", 1.5),
+        ("fail_after", True),
+        ("recover_after", 0),
+        ("stale_intervals", 0),
+        ("stale_intervals", float("nan")),
+    ],
+)
+def test_settings_are_validated(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        EngineSettings(**{field: value})
+
+
+# -- properties ----------------------------------------------------------------------------
+
+RANK = {
+    VerdictState.UP: 0,
+    VerdictState.LOCAL: 1,
+    VerdictState.REGIONAL: 2,
+    VerdictState.GLOBAL: 3,
+}
+REGIONS = ["eu", "us", "ap", "sa"]
+FAILURES = [FailureClass.CONNECT_REFUSED, FailureClass.TIMEOUT, FailureClass.HTTP_STATUS]
+
+engine_settings = st.builds(
+    EngineSettings,
+    min_agents=st.integers(1, 4),
+    min_regions=st.integers(1, 3),
+    min_region_agents=st.integers(1, 2),
+    fail_after=st.integers(1, 3),
+    recover_after=st.integers(1, 3),
+    stale_intervals=st.sampled_from([1.0, 2.0]),
+)
+# An agent of a generated fleet: its region and what it ends up saying about the check.
+agent_views = st.tuples(
+    st.sampled_from(REGIONS),
+    st.sampled_from(["up", "down", "stale", "unconfirmed", "silent"]),
+    st.sampled_from(FAILURES),
+)
+
+
+def build_fleet(
+    config: EngineSettings, fleet: list[tuple[str, str, FailureClass]]
+) -> tuple[VerdictEngine, FakeClock]:
+    clock = FakeClock()
+    engine = VerdictEngine(config, clock)
+    engine.set_checks([check("web")])
+    for index, (region, _, _) in enumerate(fleet):
+        engine.agent_connected(f"a{index}", region)
+    for index, (_, view, _) in enumerate(fleet):
+        if view == "stale":
+            engine.observe(f"a{index}", result("web"))
+    clock.advance(config.stale_intervals * 30 + 10 + 1)
+    for index, (_, view, failure) in enumerate(fleet):
+        if view == "up":
+            engine.observe(f"a{index}", result("web"))
+        elif view == "down":
+            for _ in range(config.fail_after):
+                engine.observe(f"a{index}", result("web", failure))
+        elif view == "unconfirmed" and config.fail_after > 1:
+            engine.observe(f"a{index}", result("web", failure))
+    engine.tick()
+    return engine, clock
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    config=engine_settings,
+    fleet=st.lists(agent_views, max_size=10),
+    newcomer_region=st.sampled_from([*REGIONS, "new"]),
+)
+def test_one_more_agent_seeing_it_up_never_makes_the_verdict_worse(
+    config: EngineSettings, fleet: list[tuple[str, str, FailureClass]], newcomer_region: str
+) -> None:
+    engine, _ = build_fleet(config, fleet)
+    before = state(engine)
+
+    engine.agent_connected("newcomer", newcomer_region)
+    engine.observe("newcomer", result("web"))
+    after = state(engine)
+
+    if before is VerdictState.UNKNOWN:
+        # More evidence may settle an unknown verdict, but a success cannot make it global.
+        assert after is not VerdictState.GLOBAL
+    else:
+        assert after is not VerdictState.UNKNOWN
+        assert RANK[after] <= RANK[before]
+
+
+observations = st.tuples(
+    st.just("observe"),
+    st.integers(0, 5),
+    st.sampled_from(["a", "b"]),
+    st.sampled_from([None, None, *FAILURES]),
+)
+operations = st.one_of(
+    observations,
+    observations,
+    observations,
+    # every connected agent reports on one check, in order
+    st.tuples(st.just("round"), st.sampled_from(["a", "b"]), st.sampled_from([None, *FAILURES])),
+    st.tuples(st.just("tick")),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 3, 10, 30])),
+    st.tuples(st.just("connect"), st.integers(0, 5), st.sampled_from(REGIONS[:3])),
+    st.tuples(st.just("disconnect"), st.integers(0, 5)),
+    st.tuples(st.just("checks"), st.sampled_from(["b=10s", "b=20s", "no b"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(config=engine_settings, ops=st.lists(operations, min_size=10, max_size=100))
+def test_invariants_hold_under_any_sequence_of_events(
+    config: EngineSettings, ops: list[tuple[Any, ...]]
+) -> None:
+    clock = FakeClock()
+    engine = VerdictEngine(config, clock)
+    windows = {"a": config.stale_intervals * 10 + 5, "b": config.stale_intervals * 10 + 5}
+    engine.set_checks([check("a", 10, 5), check("b", 10, 5)])
+    connected: dict[str, bool] = {}
+    for index in range(6):
+        engine.agent_connected(f"g{index}", REGIONS[index % 3])
+        connected[f"g{index}"] = True
+    last_seen: dict[tuple[str, str], float] = {}  # (agent, check) -> observed at
+    states = {v.check: v.state for v in engine.verdicts()}
+
+    for op in ops:
+        transitions: list[Transition] = []
+        if op[0] == "connect":
+            transitions = engine.agent_connected(f"g{op[1]}", op[2])
+            connected[f"g{op[1]}"] = True
+        elif op[0] == "disconnect":
+            transitions = engine.agent_disconnected(f"g{op[1]}")
+            connected[f"g{op[1]}"] = False
+        elif op[0] == "observe":
+            agent, name = f"g{op[1]}", op[2]
+            if not connected.get(agent) or name not in windows:
+                with pytest.raises(ValueError, match=r"not connected|unknown check"):
+                    engine.observe(agent, result(name, op[3]))
+                continue
+            transitions = engine.observe(agent, result(name, op[3]))
+            last_seen[agent, name] = clock.now
+        elif op[0] == "round":
+            if op[1] not in windows:
+                continue
+            for agent in sorted(a for a, is_connected in connected.items() if is_connected):
+                transitions += engine.observe(agent, result(op[1], op[2]))
+                last_seen[agent, op[1]] = clock.now
+        elif op[0] == "advance":
+            clock.advance(op[1])
+        elif op[0] == "tick":
+            transitions = engine.tick()
+        else:
+            specs = [check("a", 10, 5)]
+            if op[1] == "no b":
+                windows.pop("b", None)
+                states.pop("b", None)
+                last_seen = {key: at for key, at in last_seen.items() if key[1] != "b"}
+            else:
+                interval = 10 if op[1] == "b=10s" else 20
+                specs.append(check("b", interval, 5))
+                windows["b"] = config.stale_intervals * interval + 5
+                states.setdefault("b", VerdictState.UNKNOWN)  # a new check: no transition
+            transitions = engine.set_checks(specs)
+
+        for transition in transitions:
+            assert transition.previous is states[transition.check]
+            assert transition.verdict.state is not transition.previous
+            assert transition.verdict.since == transition.at == clock.now
+            states[transition.check] = transition.verdict.state
+        assert {v.check: v.state for v in engine.verdicts()} == states
+
+        for verdict in engine.verdicts():
+            down = [r for r, view in verdict.regions.items() if view.state is RegionState.DOWN]
+            assert list(verdict.regions_down) == down
+            for region in verdict.regions_down:
+                view = verdict.regions[region]
+                assert view.down * 2 > view.up + view.down >= config.min_region_agents
+            if verdict.state is VerdictState.GLOBAL:
+                assert len(verdict.regions_down) >= config.min_regions
+                assert sum(v.down for v in verdict.regions.values()) >= config.min_agents
+            if verdict.state is VerdictState.UP:
+                assert verdict.failure is None
+                assert all(v.down == 0 for v in verdict.regions.values())
+                assert sum(v.up for v in verdict.regions.values()) >= config.min_agents
+
+        for verdict in engine.verdicts():
+            internal = engine._checks[verdict.check]
+            if clock.now > internal.next_expiry:
+                continue  # a view went stale since the last evaluation; tick() will see it
+            # No view has expired since the last evaluation, so the stored verdict must be
+            # exactly what the views support now: observe()'s shortcut and tick()'s
+            # due-list skipped nothing they should not have.
+            fresh = engine._evaluate(internal, clock.now)
+            assert (
+                fresh.state,
+                fresh.regions,
+                fresh.regions_down,
+                fresh.failure,
+                fresh.reason,
+            ) == (
+                verdict.state,
+                verdict.regions,
+                verdict.regions_down,
+                verdict.failure,
+                verdict.reason,
+            )
+            # A region named down has a connected agent seen within the window.
+            window = windows[verdict.check]
+            for region in verdict.regions_down:
+                assert any(
+                    connected.get(agent)
+                    and clock.now - at <= window
+                    and engine._agents[agent].region == region
+                    for (agent, name), at in last_seen.items()
+                    if name == verdict.check
+                )

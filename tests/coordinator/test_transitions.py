@@ -1,0 +1,50 @@
+"""Transition ids, and watchers that fall behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.fleet import AgentInfo
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.transitions import TransitionFeed, TransitionLog, WatcherOverflow
+from coordinator.verdicts import Transition, Verdict, VerdictState
+
+
+def _transition(check: str, state: VerdictState) -> Transition:
+    return Transition(check, VerdictState.UNKNOWN, Verdict(check, state, 1.0), 1.0)
+
+
+def _metrics() -> CoordinatorMetrics:
+    no_agents: list[AgentInfo] = []
+    return CoordinatorMetrics(version="t", verdicts=list, agents=lambda: no_agents)
+
+
+def test_ids_increase_by_one_and_recent_ones_are_kept() -> None:
+    log = TransitionLog(keep=2)
+    ids = [log.append(_transition(name, VerdictState.UP)).id for name in "abc"]
+    assert ids == [1, 2, 3]
+    assert [recorded.transition.check for recorded in log.recent()] == ["b", "c"]
+    assert TransitionLog(last_id=41).append(_transition("a", VerdictState.UP)).id == 42
+
+
+async def test_a_watcher_that_falls_behind_is_cut_off_and_others_are_not() -> None:
+    metrics = _metrics()
+    feed = TransitionFeed(metrics, capacity=2)
+    log = TransitionLog()
+    slow = feed.subscribe()
+    fast = feed.subscribe()
+    received = []
+    for name in "abc":
+        feed.publish(log.append(_transition(name, VerdictState.GLOBAL)))
+        async for recorded in fast:
+            received.append(recorded.transition.check)
+            break
+    assert received == ["a", "b", "c"]
+    with pytest.raises(WatcherOverflow):
+        async for _ in slow:
+            pass
+    assert metrics.registry.get_sample_value("vantage_watch_streams_overflowed_total") == 1
+    assert metrics.registry.get_sample_value("vantage_watch_streams_open") == 1
+    with fast:
+        pass
+    assert metrics.registry.get_sample_value("vantage_watch_streams_open") == 0
