@@ -1,0 +1,136 @@
+"""The agent process: a scheduler running the assigned checks and a link to the
+coordinator, wired together by a bounded outbox.
+
+Entry point (what ``vantage agent`` does)::
+
+    settings = AgentSettings(coordinator="coord.example:7400", name="eu-1",
+                             region="eu", token=token)
+    try:
+        asyncio.run(Agent(settings).run())   # uvloop.run(...) when installed
+    except FatalError as exc:                # the coordinator refused the agent
+        sys.exit(f"vantage agent: {exc}")
+
+``Agent.run`` returns only by cancellation (Ctrl-C, SIGTERM handled by the runner) or by
+raising ``FatalError``; transient trouble with the coordinator is retried inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from vantage.checks import split_host_port
+from vantage.logs import get_logger
+from vantage.results import ProbeResult
+
+from .errors import FatalError, most_severe
+from .link import CoordinatorLink
+from .probes import PROBES, ProbeFn
+from .scheduler import DEFAULT_GRACE, Scheduler
+
+__all__ = ["Agent", "AgentSettings", "FatalError"]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything an agent needs, validated once at construction (ValueError, one line).
+
+    ``coordinator`` is "host:port" (``[v6]:port`` for an IPv6 literal). The tunables have
+    production defaults; tests shorten the timings.
+    """
+
+    coordinator: str
+    name: str
+    region: str
+    token: str = field(repr=False)
+    # Results between scheduler and link; beyond this the newest are dropped and counted.
+    outbox_size: int = 10_000
+    # Results sent but not yet acknowledged; beyond this the oldest are dropped.
+    buffer_size: int = 100_000
+    batch_size: int = 500
+    batch_interval: float = 0.2
+    # Used until the coordinator's Welcome names its own.
+    heartbeat_interval: float = 10.0
+    # Reconnect when a result batch or heartbeat stays unanswered this long.
+    reply_timeout: float = 30.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    # Extra time past a check's timeout before the scheduler cuts a probe off.
+    probe_grace: float = DEFAULT_GRACE
+
+    def __post_init__(self) -> None:
+        try:
+            split_host_port(self.coordinator)
+        except ValueError:
+            raise ValueError(f"coordinator address {self.coordinator!r} is not host:port") from None
+        for label, value in (("name", self.name), ("region", self.region)):
+            if not value or not value.isprintable() or value.strip() != value:
+                raise ValueError(f"agent {label} {value!r} is empty or has stray whitespace")
+        if not self.token.strip():
+            raise ValueError("the token is empty")
+        for label, number in (
+            ("outbox_size", self.outbox_size),
+            ("buffer_size", self.buffer_size),
+            ("batch_size", self.batch_size),
+            ("batch_interval", self.batch_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("reply_timeout", self.reply_timeout),
+            ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
+        ):
+            if number <= 0:
+                raise ValueError(f"{label} must be positive, not {number}")
+        if self.probe_grace < 0:
+            raise ValueError(f"probe_grace must not be negative, not {self.probe_grace}")
+
+
+class Agent:
+    """One agent: ``run`` it in an event loop; cancel it to stop.
+
+    ``probes`` defaults to every probe this build has; they are also the capabilities the
+    agent announces.
+    """
+
+    def __init__(self, settings: AgentSettings, *, probes: Mapping[str, ProbeFn] = PROBES) -> None:
+        self.settings = settings
+        self.outbox: asyncio.Queue[ProbeResult] = asyncio.Queue(maxsize=settings.outbox_size)
+        self.scheduler = Scheduler(
+            self.outbox,
+            agent=settings.name,
+            region=settings.region,
+            probes=probes,
+            grace=settings.probe_grace,
+        )
+        self.link = CoordinatorLink(
+            settings.coordinator,
+            name=settings.name,
+            region=settings.region,
+            token=settings.token,
+            outbox=self.outbox,
+            apply=self.scheduler.apply,
+            capabilities=tuple(probes),
+            buffer_size=settings.buffer_size,
+            batch_size=settings.batch_size,
+            batch_interval=settings.batch_interval,
+            heartbeat_interval=settings.heartbeat_interval,
+            reply_timeout=settings.reply_timeout,
+            backoff_initial=settings.backoff_initial,
+            backoff_max=settings.backoff_max,
+        )
+        self._log = get_logger("agent").bind(agent=settings.name, region=settings.region)
+
+    async def run(self) -> None:
+        """Run scheduler and link until cancelled; FatalError (unwrapped from the task
+        group) when the coordinator refuses this agent."""
+        self._log.info(
+            "agent starting",
+            coordinator=self.settings.coordinator,
+            instance_id=self.link.instance_id,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.scheduler.run(), name="scheduler")
+                group.create_task(self.link.run(), name="coordinator link")
+        except BaseExceptionGroup as group:
+            raise most_severe(group) from None

@@ -1,0 +1,93 @@
+"""Results on their way to the coordinator: sent or not, but not yet acknowledged.
+
+The link keeps every result here from the moment it leaves the scheduler's outbox until
+the coordinator acknowledges it (``ResultAck`` or ``Welcome.last_seq``), so that results
+sent on a stream that then broke are sent again, in order, on the next one. Memory is
+bounded: when full, the oldest result is dropped and counted.
+
+This is the seam for the disk spool of a later issue: a spool offers the same methods
+and keeps the unacknowledged tail on disk instead of in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from vantage.results import ProbeResult
+
+
+class ResultBuffer:
+    """Unacknowledged results in sequence order, split into in-flight (sent on the
+    current stream) and unsent. Results must be added in increasing ``seq`` order.
+
+    Single consumer: one sender at a time may wait in ``wait_unsent``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a result buffer holds at least one result")
+        self._capacity = capacity
+        self._in_flight: deque[ProbeResult] = deque()
+        self._unsent: deque[ProbeResult] = deque()
+        self._grew = asyncio.Event()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._in_flight) + len(self._unsent)
+
+    @property
+    def in_flight(self) -> int:
+        """Results sent on the current stream and not yet acknowledged."""
+        return len(self._in_flight)
+
+    @property
+    def unsent(self) -> int:
+        """Results waiting to be sent on the current stream."""
+        return len(self._unsent)
+
+    def add(self, result: ProbeResult) -> bool:
+        """Append a result; False when the oldest result had to be dropped for it."""
+        kept_all = True
+        if len(self) >= self._capacity:
+            (self._in_flight or self._unsent).popleft()
+            self.dropped += 1
+            kept_all = False
+        self._unsent.append(result)
+        self._grew.set()
+        return kept_all
+
+    def take_unsent(self, limit: int) -> list[ProbeResult]:
+        """Up to ``limit`` of the oldest unsent results, now counted as in flight."""
+        batch = [self._unsent.popleft() for _ in range(min(limit, len(self._unsent)))]
+        self._in_flight.extend(batch)
+        return batch
+
+    def ack(self, seq: int) -> int:
+        """Forget every result at or below ``seq``; returns how many were forgotten."""
+        forgotten = 0
+        for queue in (self._in_flight, self._unsent):
+            while queue and queue[0].seq <= seq:
+                queue.popleft()
+                forgotten += 1
+        return forgotten
+
+    def rewind(self) -> None:
+        """A new stream: everything unacknowledged is unsent again, oldest first."""
+        self._in_flight.extend(self._unsent)
+        self._unsent = self._in_flight
+        self._in_flight = deque()
+        if self._unsent:
+            self._grew.set()
+
+    async def wait_unsent(self, at_least: int, deadline: float) -> bool:
+        """Wait until ``at_least`` results are unsent (True) or the loop clock reaches
+        ``deadline`` (False, unless they arrived just in time)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                while len(self._unsent) < at_least:
+                    self._grew.clear()
+                    await self._grew.wait()
+        except TimeoutError:
+            return len(self._unsent) >= at_least
+        return True

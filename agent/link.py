@@ -1,0 +1,370 @@
+"""The coordinator link: one long-lived gRPC stream that carries the agent's results out
+and its assignments in, kept alive across coordinator restarts and network trouble.
+
+Lifecycle: ``await link.run()`` runs until cancelled or until the coordinator refuses the
+agent for good (``FatalError``). Each stream goes:
+
+1. dial ``host:port`` (insecure channel), call ``AgentService.Connect`` with the token in
+   the ``authorization: Bearer`` metadata, send ``Hello``;
+2. wait for ``Welcome``: forget buffered results at or below its ``last_seq``, adopt its
+   heartbeat interval, then send every result still unacknowledged, oldest first;
+3. then, concurrently: send ``ResultBatch``es (up to ``batch_size`` results, or whatever
+   arrived within ``batch_interval``) and a ``Heartbeat`` when idle for the heartbeat
+   interval; apply ``Assignments`` to the scheduler; forget acknowledged results. The
+   coordinator acknowledges every batch and answers every heartbeat: one left unanswered
+   for ``reply_timeout`` means the coordinator went silent, and the stream is abandoned.
+
+Results leave the scheduler's outbox into a bounded ``ResultBuffer`` at all times, also
+while disconnected, and stay there until acknowledged.
+
+Errors (see ``agent.errors``)::
+
+    AgentError
+     ├── TransientError   unreachable, stream closed or broken, coordinator silent:
+     │                    log why, back off (full jitter, initial doubling to a cap,
+     │                    reset after a stream that lived a while), reconnect
+     └── FatalError       UNAUTHENTICATED (token refused) or INVALID_ARGUMENT (hello
+                          refused): log an error and raise; the process exits 1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import grpc
+import grpc.aio
+
+import vantage
+from vantage.durations import format_duration
+from vantage.logs import get_logger
+from vantage.results import ProbeResult
+from vantage.wire import WireError, check_from_pb, result_to_pb
+from vantage_proto.v1 import agent_pb2
+from vantage_proto.v1.agent_pb2_grpc import AgentServiceStub
+
+from .buffer import ResultBuffer
+from .errors import FatalError, TransientError, most_severe
+from .probes import PROBES
+from .scheduler import Assignment
+
+__all__ = ["ApplyAssignments", "CoordinatorLink", "FatalError", "TransientError"]
+
+ApplyAssignments = Callable[[bool, Sequence[Assignment], Sequence[str]], None]
+"""Receives each assignment message: (full, checks, removed); ``Scheduler.apply``."""
+
+_Call = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]
+
+_FATAL = {
+    grpc.StatusCode.UNAUTHENTICATED: "coordinator refused the token (UNAUTHENTICATED)",
+    grpc.StatusCode.INVALID_ARGUMENT: "coordinator refused this agent (INVALID_ARGUMENT)",
+}
+
+
+class CoordinatorLink:
+    """Keeps one stream to the coordinator open and moves results and assignments.
+
+    ``dropped`` counts results lost because the buffer of unacknowledged results was
+    full (oldest first). ``instance_id`` identifies this agent process to the
+    coordinator; sequence numbers are per instance.
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        name: str,
+        region: str,
+        token: str,
+        outbox: asyncio.Queue[ProbeResult],
+        apply: ApplyAssignments,
+        instance_id: str | None = None,
+        capabilities: Sequence[str] = tuple(PROBES),
+        buffer_size: int = 100_000,
+        batch_size: int = 500,
+        batch_interval: float = 0.2,
+        heartbeat_interval: float = 10.0,
+        hello_timeout: float = 10.0,
+        reply_timeout: float = 30.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        stable_after: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._target = coordinator
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._outbox = outbox
+        self._apply = apply
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self._hello = agent_pb2.Hello(
+            name=name,
+            region=region,
+            version=vantage.__version__,
+            capabilities=sorted(capabilities),
+            instance_id=self.instance_id,
+        )
+        self._buffer = ResultBuffer(buffer_size)
+        self._batch_size = batch_size
+        self._batch_interval = batch_interval
+        self._default_heartbeat = heartbeat_interval
+        self._heartbeat_interval = heartbeat_interval
+        self._hello_timeout = hello_timeout
+        self._reply_timeout = reply_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._stable_after = stable_after
+        self._rng = rng or random.Random()
+        self._log = get_logger("agent.link").bind(
+            agent=name, region=region, coordinator=coordinator
+        )
+        self._welcomed_at: float | None = None  # loop time of the current stream's Welcome
+        self._last_sent = 0.0
+        self._awaiting_since: float | None = None  # a batch or heartbeat is unanswered
+        self._dropping = False
+
+    @property
+    def dropped(self) -> int:
+        """Results dropped, oldest first, because too many were unacknowledged."""
+        return self._buffer.dropped
+
+    @property
+    def unacknowledged(self) -> int:
+        """Results buffered until the coordinator acknowledges them."""
+        return len(self._buffer)
+
+    async def run(self) -> None:
+        """Stay connected until cancelled; FatalError when the coordinator refuses the
+        agent (already logged as an error)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pump(), name="link pump")
+                group.create_task(self._reconnect_forever(), name="link")
+        except BaseExceptionGroup as group:
+            raise most_severe(group) from None
+
+    async def _reconnect_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            try:
+                await self._session()
+            except FatalError as exc:
+                self._log.error("giving up on the coordinator", reason=str(exc))
+                raise
+            except TransientError as exc:
+                reason = str(exc)
+            lived = loop.time() - self._welcomed_at if self._welcomed_at is not None else 0.0
+            if lived >= self._stable_after:
+                failures = 0
+            ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failures, 32))
+            delay = self._rng.uniform(0.0, ceiling)
+            failures += 1
+            self._log.warning(
+                "reconnecting to coordinator",
+                reason=reason,
+                delay=round(delay, 3),
+                attempt=failures,
+                unacknowledged=len(self._buffer),
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> NoReturn:
+        """One stream, from dialling to its end, which is always an error."""
+        self._welcomed_at = None
+        self._awaiting_since = None
+        async with grpc.aio.insecure_channel(self._target) as channel:
+            call: _Call = AgentServiceStub(channel).Connect(None, metadata=self._metadata)
+            try:
+                await self._greet(call)
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._receive(call), name="link receive")
+                    group.create_task(self._send(call), name="link send")
+                    group.create_task(self._watch_silence(), name="link watchdog")
+            except BaseExceptionGroup as group:
+                raise most_severe(group) from None
+            finally:
+                call.cancel()
+        # The tasks above loop until they fail; a group that ends otherwise is a bug.
+        raise AssertionError("stream tasks ended without an error")
+
+    async def _greet(self, call: _Call) -> None:
+        """Send Hello, take Welcome; both within the hello timeout, which also bounds a
+        coordinator that accepts connections but never answers."""
+        try:
+            async with asyncio.timeout(self._hello_timeout):
+                await self._write(call, agent_pb2.AgentMessage(hello=self._hello))
+                message = await self._read(call)
+        except TimeoutError:
+            raise TransientError(
+                "coordinator did not answer the hello within "
+                f"{format_duration(self._hello_timeout)}"
+            ) from None
+        kind = message.WhichOneof("kind")
+        if kind != "welcome":
+            raise TransientError(f"coordinator sent {kind} before welcome")
+        welcome = message.welcome
+        self._welcomed_at = asyncio.get_running_loop().time()
+        self._heartbeat_interval = (
+            welcome.heartbeat_interval_ms / 1000
+            if welcome.heartbeat_interval_ms
+            else self._default_heartbeat
+        )
+        already = self._buffer.ack(welcome.last_seq)
+        self._buffer.rewind()
+        self._log.info(
+            "connected to coordinator",
+            coordinator_version=welcome.coordinator_version,
+            last_seq=welcome.last_seq,
+            already_ingested=already,
+            resending=self._buffer.unsent,
+        )
+
+    async def _receive(self, call: _Call) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await self._read(call)
+            # Any message shows the coordinator alive; results still in flight keep the
+            # clock running, from now.
+            self._awaiting_since = loop.time() if self._buffer.in_flight else None
+            kind = message.WhichOneof("kind")
+            if kind == "ack":
+                self._buffer.ack(message.ack.seq)
+            elif kind == "assignments":
+                self._on_assignments(message.assignments)
+            elif kind == "heartbeat":
+                pass  # hearing anything is what counts
+            elif kind == "welcome":
+                self._buffer.ack(message.welcome.last_seq)
+            else:
+                # probe_request (on-demand checks) is reserved for a later issue.
+                self._log.debug("coordinator message ignored", kind=kind)
+
+    def _on_assignments(self, message: agent_pb2.Assignments) -> None:
+        checks: list[Assignment] = []
+        removed = list(message.removed)
+        for spec in message.checks:
+            try:
+                check = check_from_pb(spec)
+            except (WireError, ValueError) as exc:
+                self._log.error("assigned check is invalid: not running it", error=str(exc))
+                # Running the previous revision would report results for a spec the
+                # coordinator no longer has.
+                removed.append(spec.name)
+                continue
+            if check.type not in self._hello.capabilities:
+                self._log.error(
+                    "assigned check has a type this agent cannot probe: not running it",
+                    check=check.name,
+                    type=check.type,
+                )
+                removed.append(spec.name)
+                continue
+            checks.append(Assignment(check, spec.revision))
+        self._log.info(
+            "assignments received", full=message.full, checks=len(checks), removed=len(removed)
+        )
+        self._apply(message.full, checks, removed)
+
+    async def _send(self, call: _Call) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_sent = loop.time()
+        while True:
+            idle_until = self._last_sent + self._heartbeat_interval
+            if not await self._buffer.wait_unsent(1, idle_until):
+                heartbeat = agent_pb2.Heartbeat(sent_unix_us=round(time.time() * 1_000_000))
+                self._await_reply()
+                await self._write(call, agent_pb2.AgentMessage(heartbeat=heartbeat))
+                self._last_sent = loop.time()
+                continue
+            # Linger briefly so that results arriving together travel together.
+            await self._buffer.wait_unsent(self._batch_size, loop.time() + self._batch_interval)
+            while self._buffer.unsent:
+                self._await_reply()
+                batch = self._buffer.take_unsent(self._batch_size)
+                message = agent_pb2.AgentMessage(
+                    results=agent_pb2.ResultBatch(results=[result_to_pb(r) for r in batch])
+                )
+                await self._write(call, message)
+                self._last_sent = loop.time()
+
+    def _await_reply(self) -> None:
+        if self._awaiting_since is None:
+            self._awaiting_since = asyncio.get_running_loop().time()
+
+    async def _watch_silence(self) -> None:
+        """TransientError when a batch or heartbeat stays unanswered (the coordinator
+        acknowledges every batch and answers every heartbeat) for the reply timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self._reply_timeout / 4))
+            since = self._awaiting_since
+            if since is not None and loop.time() - since > self._reply_timeout:
+                raise TransientError(
+                    f"coordinator went silent: no reply for {format_duration(self._reply_timeout)}"
+                )
+
+    async def _pump(self) -> None:
+        """Move results from the outbox into the buffer, connected or not."""
+        while True:
+            result = await self._outbox.get()
+            self._keep(result)
+            while not self._outbox.empty():
+                self._keep(self._outbox.get_nowait())
+
+    def _keep(self, result: ProbeResult) -> None:
+        if self._buffer.add(result):
+            if self._dropping:
+                self._dropping = False
+                self._log.info("result buffer has room again", dropped_total=self.dropped)
+        elif not self._dropping:
+            self._dropping = True
+            self._log.warning(
+                "too many unacknowledged results: dropping the oldest",
+                dropped_total=self.dropped,
+            )
+
+    async def _read(self, call: _Call) -> agent_pb2.CoordinatorMessage:
+        try:
+            message = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc.code(), exc.details()) from None
+        except asyncio.InvalidStateError:
+            raise self._failure(await call.code(), await call.details()) from None
+        if not isinstance(message, agent_pb2.CoordinatorMessage):  # grpc.aio.EOF
+            raise TransientError("stream closed by coordinator")
+        return message
+
+    async def _write(self, call: _Call, message: agent_pb2.AgentMessage) -> None:
+        try:
+            await call.write(message)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc.code(), exc.details()) from None
+        except asyncio.InvalidStateError:
+            # The call already ended; its status says why.
+            raise self._failure(await call.code(), await call.details()) from None
+
+    def _failure(self, code: grpc.StatusCode, details: str | None) -> TransientError | FatalError:
+        fatal = _FATAL.get(code)
+        if fatal is not None:
+            return FatalError(f"{fatal}: {details}" if details else fatal)
+        detail = _last_clause(details or code.name)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            if self._welcomed_at is None:
+                return TransientError(f"coordinator unreachable: {detail}")
+            return TransientError(f"connection to coordinator lost: {detail}")
+        return TransientError(f"stream failed ({code.name}): {detail}")
+
+
+def _last_clause(details: str) -> str:
+    """gRPC's "failed to connect to all addresses; last error: UNKNOWN: ipv4:...:
+    Failed to connect to remote host: Connection refused" -> "connection refused"."""
+    clause = details.rsplit(": ", 1)[-1].strip() or details
+    # The clause may close brackets opened before it: "... (Socket closed: server shutdown))".
+    for opening, closing in ("()", "[]"):
+        while clause.endswith(closing) and clause.count(closing) > clause.count(opening):
+            clause = clause[:-1]
+    return clause[:1].lower() + clause[1:]

@@ -1,0 +1,26 @@
+"""Probes: one module and one function per probe type, and the table that names them.
+
+A probe is an ``async`` function from a check to a ``ProbeOutcome``. It enforces the
+check's timeout itself (so it can say which phase ran out of time), never raises for
+anything the target or the network does, and leaves no socket or task behind. Adding a
+probe type is one module here, one entry in ``PROBES`` and one message in the protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from vantage.results import ProbeOutcome
+from vantage.wire import AnyCheck
+
+from .http import probe_http
+from .tcp import probe_tcp
+
+ProbeFn = Callable[[AnyCheck], Awaitable[ProbeOutcome]]
+
+PROBES: dict[str, ProbeFn] = {
+    "http": probe_http,
+    "tcp": probe_tcp,
+}
+
+__all__ = ["PROBES", "ProbeFn", "probe_http", "probe_tcp"]

@@ -1,0 +1,222 @@
+"""What every network probe does before speaking its protocol: resolve a name, connect over
+TCP, and say in the closed set of failure classes what went wrong.
+
+Probes use these pieces inside their own deadline:
+
+- ``PhaseClock`` tracks which phase is running and what step it is on, so that when the
+  deadline expires the probe can still say *where* (``dns_timeout`` while resolving,
+  ``connect_timeout`` while connecting, ``timeout`` afterwards) and report phases that sum
+  to the time spent.
+- ``resolve`` and ``connect`` raise ``ProbeFailure`` (a failure class plus a one-line
+  message naming the step) for anything the closed set describes; the probe turns it into
+  a ``ProbeOutcome``. Only programming errors escape as other exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+from vantage.durations import format_duration
+from vantage.results import FailureClass, Phases
+
+Phase = Literal["resolve", "connect", "tls", "processing", "transfer"]
+_ProtocolT = TypeVar("_ProtocolT", bound=asyncio.BaseProtocol)
+
+# Classes for a deadline that expires while a phase is running. Only resolving and
+# connecting have classes of their own; afterwards the peer is reachable but too slow.
+_TIMEOUT_CLASS: dict[Phase, FailureClass] = {
+    "resolve": FailureClass.DNS_TIMEOUT,
+    "connect": FailureClass.CONNECT_TIMEOUT,
+    "tls": FailureClass.TIMEOUT,
+    "processing": FailureClass.TIMEOUT,
+    "transfer": FailureClass.TIMEOUT,
+}
+
+_UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
+
+# getaddrinfo cannot tell "the name does not exist" from "it has no address of the
+# family asked for" (EAI_NODATA, Linux only): both mean the name gives nothing to
+# connect to, which is what dns_nxdomain reports.
+_NXDOMAIN = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+# EAI_AGAIN is glibc's answer both for a SERVFAIL from the recursive resolver and for a
+# resolver that did not answer within resolv.conf's own time-out: either way the DNS
+# infrastructure, not the name, failed, which is what dns_servfail reports. (A
+# resolution cut short by the *check's* deadline is dns_timeout.) EAI_FAIL covers the
+# other non-recoverable server answers (REFUSED, FORMERR).
+_SERVFAIL = frozenset({socket.EAI_AGAIN, socket.EAI_FAIL})
+
+
+class ProbeFailure(Exception):
+    """A probe step failed in a way one failure class describes; ``str()`` is the message."""
+
+    def __init__(self, failure: FailureClass, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.message = message
+
+
+class PhaseClock:
+    """Consecutive probe phases on the monotonic clock.
+
+    Entering a phase ends the running one, so ``phases()`` always sums to the time since
+    the clock started. ``step`` names what the running phase is doing ("connect
+    192.0.2.1:443") for messages.
+    """
+
+    __slots__ = ("_mark", "_spent", "phase", "step")
+
+    def __init__(self, phase: Phase, step: str) -> None:
+        self._mark = time.monotonic()
+        self._spent: dict[Phase, float] = {}
+        self.phase: Phase = phase
+        self.step = step
+
+    def enter(self, phase: Phase, step: str) -> None:
+        """End the running phase now and start ``phase``, doing ``step``."""
+        now = time.monotonic()
+        self._spent[self.phase] = self._spent.get(self.phase, 0.0) + (now - self._mark)
+        self._mark = now
+        self.phase = phase
+        self.step = step
+
+    def phases(self) -> Phases:
+        """Time per phase so far, the running phase counted up to now."""
+        spent = dict(self._spent)
+        spent[self.phase] = spent.get(self.phase, 0.0) + (time.monotonic() - self._mark)
+        return Phases(**spent)
+
+    def timed_out(self, timeout: float) -> ProbeFailure:
+        """The failure for a deadline that expired in the running phase."""
+        return ProbeFailure(
+            _TIMEOUT_CLASS[self.phase], f"{self.step}: timed out after {format_duration(timeout)}"
+        )
+
+
+def ip_literal(host: str) -> tuple[socket.AddressFamily, str] | None:
+    """(family, address) when ``host`` is an IP address, else None."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return family, str(address)
+
+
+async def resolve(host: str, port: int) -> list[tuple[socket.AddressFamily, str]]:
+    """The addresses of ``host`` in the resolver's order, without duplicates.
+
+    Uses the system resolver (getaddrinfo, which asyncio runs in its executor: the
+    standard library offers no other way to honour nsswitch and resolv.conf).
+    ProbeFailure with a dns_* class when the name does not resolve.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except socket.gaierror as exc:
+        if exc.errno in _NXDOMAIN:
+            failure = FailureClass.DNS_NXDOMAIN
+        elif exc.errno in _SERVFAIL:
+            failure = FailureClass.DNS_SERVFAIL
+        else:
+            failure = FailureClass.INTERNAL
+        raise ProbeFailure(failure, f"resolve {host}: {describe_os_error(exc)}") from None
+    addresses: list[tuple[socket.AddressFamily, str]] = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        entry = (family, str(sockaddr[0]))
+        if entry not in addresses:
+            addresses.append(entry)
+    if not addresses:
+        raise ProbeFailure(FailureClass.DNS_NXDOMAIN, f"resolve {host}: no addresses")
+    return addresses
+
+
+def start_clock(host: str) -> PhaseClock:
+    """A probe's clock: it starts in ``resolve``, or in ``connect`` for an IP literal."""
+    if ip_literal(host):
+        return PhaseClock("connect", f"connect {host}")
+    return PhaseClock("resolve", f"resolve {host}")
+
+
+async def addresses_for(
+    clock: PhaseClock, host: str, port: int
+) -> list[tuple[socket.AddressFamily, str]]:
+    """The addresses to connect to, leaving ``clock`` in the ``connect`` phase.
+
+    An IP literal is its own answer; a name is resolved (``resolve``: ProbeFailure).
+    """
+    literal = ip_literal(host)
+    if literal:
+        return [literal]
+    addresses = await resolve(host, port)
+    clock.enter("connect", f"connect {format_peer(host, port)}")
+    return addresses
+
+
+async def connect(
+    clock: PhaseClock,
+    addresses: list[tuple[socket.AddressFamily, str]],
+    port: int,
+    protocol_factory: Callable[[], _ProtocolT],
+) -> tuple[asyncio.Transport, _ProtocolT, str]:
+    """Open a TCP connection to the first address that accepts one.
+
+    Returns (transport, protocol, peer "ip:port"); the caller owns and must close the
+    transport. Addresses are tried in order, each refusal or unreachable route moving on to
+    the next, all within the caller's deadline (``clock.step`` names the address being
+    tried). ProbeFailure for the last address's error when none accepts.
+    """
+    loop = asyncio.get_running_loop()
+    failure: ProbeFailure | None = None
+    for family, address in addresses:
+        peer = format_peer(address, port)
+        clock.step = f"connect {peer}"
+        try:
+            transport, protocol = await loop.create_connection(
+                protocol_factory, address, port, family=family
+            )
+        except OSError as exc:
+            failure = ProbeFailure(
+                classify_connect_error(exc), f"{clock.step}: {describe_os_error(exc)}"
+            )
+            continue
+        return transport, protocol, peer
+    assert failure is not None, "connect() needs at least one address"
+    raise failure
+
+
+def classify_connect_error(exc: OSError) -> FailureClass:
+    """The failure class of an error from connecting a TCP socket."""
+    if isinstance(exc, ConnectionRefusedError):
+        return FailureClass.CONNECT_REFUSED
+    if exc.errno in _UNREACHABLE:
+        return FailureClass.NETWORK_UNREACHABLE
+    if isinstance(exc, TimeoutError):
+        # The kernel gave up retransmitting the SYN before the check's deadline.
+        return FailureClass.CONNECT_TIMEOUT
+    return FailureClass.INTERNAL
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'connection refused', 'name or service not known': the OS's words, lower case."""
+    if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        # asyncio rewrites strerror ("Connect call failed ('192.0.2.1', 80)"), not errno.
+        text = os.strerror(exc.errno)
+    else:
+        text = exc.strerror or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+def format_peer(address: str, port: int) -> str:
+    """'192.0.2.1:443' or '[2001:db8::1]:443'."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

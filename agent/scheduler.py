@@ -1,0 +1,232 @@
+"""The scheduler: runs every assigned check on its interval and queues the results.
+
+Lifecycle: build a ``Scheduler`` around the outbox (the bounded queue the coordinator link
+drains), ``apply`` assignments at any time, and run ``await scheduler.run()`` in the
+agent's task group; cancelling it stops every check. Each check has one task in the
+scheduler's own task group:
+
+- The first run is jittered uniformly within one interval, so that a thousand checks
+  assigned at once do not fire on the same tick; after that runs are fixed-rate, on a
+  grid ``first + k * interval`` that does not drift with probe durations. A run that
+  overruns its slot skips the slots it missed rather than piling up.
+- A probe enforces its check's timeout itself; the scheduler adds a hard outer limit of
+  timeout + grace as a safety net (reported as ``timeout``) and turns any exception from
+  a probe into an ``internal`` result, logged with its traceback.
+- Results get the next sequence number of this scheduler (1, 2, 3, ...) when they enter
+  the outbox, so the outbox, the link's buffer and the stream all carry them in sequence
+  order: the coordinator's "everything at or below N" acknowledgements rely on that. When
+  the outbox is full the result is dropped and counted (``dropped``); it takes no
+  sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from vantage.durations import format_duration
+from vantage.logs import get_logger
+from vantage.results import FailureClass, ProbeOutcome, ProbeResult
+from vantage.wire import AnyCheck
+
+from .probes import PROBES, ProbeFn
+
+DEFAULT_GRACE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A check to run, with the revision the coordinator gave it.
+
+    Results carry ``revision`` so the coordinator can match them to the spec it sent;
+    ``Assignment.of`` uses the check's own revision (for checks not from the wire).
+    """
+
+    check: AnyCheck
+    revision: int
+
+    @classmethod
+    def of(cls, check: AnyCheck) -> Assignment:
+        return cls(check, check.revision)
+
+    @property
+    def name(self) -> str:
+        return self.check.name
+
+
+class Scheduler:
+    """Runs the current assignment set, one fixed-rate loop per check.
+
+    ``apply`` may be called before or while ``run`` runs; loops start when both have
+    happened. ``dropped`` counts results lost to a full outbox.
+    """
+
+    def __init__(
+        self,
+        outbox: asyncio.Queue[ProbeResult],
+        *,
+        agent: str,
+        region: str,
+        probes: Mapping[str, ProbeFn] = PROBES,
+        grace: float = DEFAULT_GRACE,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._probes = probes
+        self._grace = grace
+        self._rng = rng or random.Random()
+        self._log = get_logger("agent.scheduler").bind(agent=agent, region=region)
+        self._assignments: dict[str, Assignment] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._next_seq = 1
+        self._dropped = 0
+        self._dropping = False
+
+    @property
+    def dropped(self) -> int:
+        """Results dropped because the outbox was full, since the scheduler was built."""
+        return self._dropped
+
+    @property
+    def assignments(self) -> Mapping[str, Assignment]:
+        """The checks being run, by name."""
+        return dict(self._assignments)
+
+    def apply(self, full: bool, checks: Iterable[Assignment], removed: Iterable[str] = ()) -> None:
+        """Change what runs.
+
+        ``full``: ``checks`` is the whole set and anything else stops. Otherwise the
+        checks are upserted and the ``removed`` names stop. An upsert with the revision
+        already running changes nothing; a new revision restarts that check's loop (with
+        a fresh jittered first run). A check whose type has no probe is logged and not
+        run.
+        """
+        wanted: dict[str, Assignment] = {}
+        for assignment in checks:
+            wanted[assignment.name] = assignment
+        stopping = set(removed)
+        if full:
+            stopping |= self._assignments.keys() - wanted.keys()
+        for name in stopping - wanted.keys():
+            self._stop(name)
+        for name, assignment in wanted.items():
+            current = self._assignments.get(name)
+            if current is not None and current.revision == assignment.revision:
+                continue
+            self._stop(name)
+            if assignment.check.type not in self._probes:
+                self._log.warning(
+                    "check skipped: no probe for its type",
+                    check=name,
+                    type=assignment.check.type,
+                )
+                continue
+            self._assignments[name] = assignment
+            self._start(assignment)
+
+    async def run(self) -> None:
+        """Run the assigned checks until cancelled; then every check loop is cancelled
+        and awaited before this returns (by raising CancelledError)."""
+        if self._group is not None:
+            raise RuntimeError("the scheduler is already running")
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for assignment in self._assignments.values():
+                    self._start(assignment)
+                await asyncio.Event().wait()
+        finally:
+            self._group = None
+            self._tasks.clear()
+
+    def _start(self, assignment: Assignment) -> None:
+        if self._group is not None:
+            self._tasks[assignment.name] = self._group.create_task(
+                self._loop(assignment), name=f"check {assignment.name}"
+            )
+
+    def _stop(self, name: str) -> None:
+        self._assignments.pop(name, None)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()  # a cancelled child does not cancel the task group
+
+    async def _loop(self, assignment: Assignment) -> None:
+        loop = asyncio.get_running_loop()
+        interval = assignment.check.interval
+        due = loop.time() + self._rng.uniform(0.0, interval)
+        while True:
+            await asyncio.sleep(due - loop.time())
+            await self._run_once(assignment)
+            due += interval
+            late = loop.time() - due
+            if late > 0:
+                missed = math.ceil(late / interval)
+                due += missed * interval
+                self._log.debug("run overran its slot", check=assignment.name, skipped=missed)
+
+    async def _run_once(self, assignment: Assignment) -> None:
+        check = assignment.check
+        probe = self._probes[check.type]
+        started_at = time.time()
+        started = time.monotonic()
+        limit = asyncio.timeout(check.timeout + self._grace)
+        try:
+            async with limit:
+                outcome = await probe(check)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and limit.expired():
+                outcome = ProbeOutcome.failed(
+                    FailureClass.TIMEOUT,
+                    f"probe did not finish within its timeout of {format_duration(check.timeout)}",
+                )
+                self._log.warning("probe overran its timeout", check=check.name)
+            else:
+                outcome = ProbeOutcome.failed(
+                    FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
+                )
+                self._log.exception("probe raised", check=check.name)
+        duration = time.monotonic() - started
+        self._publish(assignment, started_at, duration, outcome)
+
+    def _publish(
+        self, assignment: Assignment, started_at: float, duration: float, outcome: ProbeOutcome
+    ) -> None:
+        result = ProbeResult(
+            check=assignment.name,
+            check_revision=assignment.revision,
+            seq=self._next_seq,
+            started_at=started_at,
+            duration=duration,
+            outcome=outcome,
+        )
+        try:
+            self._outbox.put_nowait(result)
+        except asyncio.QueueFull:
+            self._dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                self._log.warning(
+                    "outbox full: dropping results until the link catches up",
+                    check=assignment.name,
+                    dropped_total=self._dropped,
+                )
+            return
+        self._next_seq += 1
+        if self._dropping:
+            self._dropping = False
+            self._log.info("outbox has room again", dropped_total=self._dropped)
+        self._log.debug(
+            "probe result",
+            check=assignment.name,
+            seq=result.seq,
+            success=outcome.success,
+            failure=outcome.failure,
+            duration=round(duration, 6),
+            message=outcome.message,
+        )

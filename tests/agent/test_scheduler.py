@@ -1,0 +1,286 @@
+"""The scheduler with small probe functions passed in: timing, sequence, assignment changes
+and the bounded outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import structlog
+
+from agent.scheduler import Assignment, Scheduler
+from vantage.checks import parse_check
+from vantage.results import FailureClass, ProbeOutcome, ProbeResult, TcpDetails
+from vantage.wire import AnyCheck
+
+
+class NoJitter(random.Random):
+    """First runs start at once, so tests need not wait up to an interval."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def check(name: str = "c", target: str = "127.0.0.1:1", **spec: Any) -> AnyCheck:
+    return parse_check({"name": name, "type": "tcp", "target": target, **spec})
+
+
+def assign(*checks: AnyCheck) -> list[Assignment]:
+    return [Assignment.of(c) for c in checks]
+
+
+UP = ProbeOutcome(success=True, details=TcpDetails(peer="127.0.0.1:1"))
+
+
+class Probe:
+    """Records calls; answers UP at once unless told to block until cancelled."""
+
+    def __init__(self, block: Callable[[AnyCheck], bool] = lambda check: False) -> None:
+        self.calls: list[tuple[str, str, float]] = []  # (name, target, loop time)
+        self.cancelled: list[str] = []
+        self.called = asyncio.Event()
+        self._block = block
+
+    async def __call__(self, check: AnyCheck) -> ProbeOutcome:
+        self.calls.append((check.name, check.target, asyncio.get_running_loop().time()))
+        self.called.set()
+        if self._block(check):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(check.target)
+                raise
+        return UP
+
+
+@contextlib.asynccontextmanager
+async def running(scheduler: Scheduler) -> AsyncIterator[None]:
+    task = asyncio.create_task(scheduler.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def take(outbox: asyncio.Queue[ProbeResult], count: int) -> list[ProbeResult]:
+    async with asyncio.timeout(5):
+        return [await outbox.get() for _ in range(count)]
+
+
+def scheduler_for(probe: Probe, outbox: asyncio.Queue[ProbeResult], **kwargs: Any) -> Scheduler:
+    kwargs.setdefault("rng", NoJitter())
+    return Scheduler(
+        outbox, agent="eu-1", region="eu", probes={"tcp": probe, "http": probe}, **kwargs
+    )
+
+
+async def test_first_runs_are_spread_within_one_interval(until: Any) -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox, rng=random.Random(7))
+    checks = [check(f"c{i}", interval="1s", timeout="500ms") for i in range(40)]
+    scheduler.apply(True, assign(*checks))
+
+    started = asyncio.get_running_loop().time()
+    async with running(scheduler):
+        await until(lambda: len({name for name, _, _ in probe.calls}) == 40)
+
+    first = {}
+    for name, _, at in probe.calls:
+        first.setdefault(name, at - started)
+    offsets = sorted(first.values())
+    assert offsets[0] >= 0
+    assert offsets[-1] <= 1.0 + 0.1
+    assert offsets[-1] - offsets[0] > 0.5  # spread out, not all on one tick
+
+
+async def test_results_carry_strictly_increasing_seq_from_one() -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(*(check(f"c{i}") for i in range(20))))
+
+    before = time.time()
+    async with running(scheduler):
+        results = await take(outbox, 20)
+
+    assert [r.seq for r in results] == list(range(1, 21))
+    assert {r.check for r in results} == {f"c{i}" for i in range(20)}
+    for result in results:
+        assert result.outcome == UP
+        assert result.check_revision == check(result.check).revision
+        assert before - 1 <= result.started_at <= time.time()
+        assert result.duration >= 0
+
+
+async def test_runs_are_fixed_rate_despite_probe_duration() -> None:
+    async def slow(check: AnyCheck) -> ProbeOutcome:
+        await asyncio.sleep(0.3)
+        return UP
+
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = Scheduler(outbox, agent="a", region="r", probes={"tcp": slow}, rng=NoJitter())
+    scheduler.apply(True, assign(check(interval="1s", timeout="500ms")))
+
+    async with running(scheduler):
+        results = await take(outbox, 3)
+
+    starts = [r.started_at for r in results]
+    # Every interval from the previous *start*, not from the previous end (1.3 s).
+    assert starts[1] - starts[0] == pytest.approx(1.0, abs=0.15)
+    assert starts[2] - starts[1] == pytest.approx(1.0, abs=0.15)
+
+
+async def test_new_revision_restarts_the_check() -> None:
+    probe = Probe(block=lambda c: c.target == "127.0.0.1:1")
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    old, new = check(target="127.0.0.1:1"), check(target="127.0.0.1:2")
+    assert old.revision != new.revision
+    scheduler.apply(True, assign(old))
+
+    async with running(scheduler):
+        await probe.called.wait()
+        scheduler.apply(False, assign(new))
+        [result] = await take(outbox, 1)
+
+    assert probe.cancelled == ["127.0.0.1:1"]  # the old run was stopped, not finished
+    assert result.check_revision == new.revision
+    assert scheduler.assignments["c"].revision == new.revision
+
+
+async def test_same_revision_does_not_restart() -> None:
+    probe = Probe(block=lambda c: True)
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(check()))
+
+    async with running(scheduler):
+        await probe.called.wait()
+        scheduler.apply(True, assign(check()))
+        scheduler.apply(False, assign(check()))
+        await asyncio.sleep(0.05)
+        assert probe.cancelled == []
+        assert len(probe.calls) == 1
+
+
+async def test_removal_stops_the_loop(until: Any) -> None:
+    probe = Probe(block=lambda c: c.name == "a")
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(check("a"), check("b", interval="1s", timeout="500ms")))
+
+    async with running(scheduler):
+        await until(lambda: len(probe.calls) == 2)
+        scheduler.apply(False, [], removed=["a"])
+        await until(lambda: probe.cancelled == ["127.0.0.1:1"])
+        assert set(scheduler.assignments) == {"b"}
+
+        # A full set replaces everything: b stops, c starts.
+        scheduler.apply(True, assign(check("c")))
+        await until(lambda: any(name == "c" for name, _, _ in probe.calls))
+        assert set(scheduler.assignments) == {"c"}
+        calls = len(probe.calls)
+        await asyncio.sleep(0.05)
+        assert len(probe.calls) == calls  # nothing else runs
+
+
+async def test_full_outbox_drops_and_counts(until: Any) -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue(maxsize=1)
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(*(check(f"c{i}") for i in range(5))))
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(scheduler):
+            await until(lambda: scheduler.dropped == 4)
+
+    assert outbox.qsize() == 1
+    assert outbox.get_nowait().seq == 1
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1  # one warning when dropping starts, not one per result
+    assert "outbox full" in warnings[0]["event"]
+
+
+async def test_probe_that_ignores_its_timeout_is_cut_off() -> None:
+    async def stuck(check: AnyCheck) -> ProbeOutcome:
+        await asyncio.Event().wait()
+        return UP
+
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = Scheduler(
+        outbox, agent="a", region="r", probes={"tcp": stuck}, grace=0.05, rng=NoJitter()
+    )
+    scheduler.apply(True, assign(check(timeout="100ms", interval="1s")))
+
+    async with running(scheduler):
+        [result] = await take(outbox, 1)
+
+    assert result.failure is FailureClass.TIMEOUT
+    assert result.outcome.message == "probe did not finish within its timeout of 100ms"
+
+
+async def test_probe_exception_is_an_internal_result_and_logged() -> None:
+    async def broken(check: AnyCheck) -> ProbeOutcome:
+        raise RuntimeError("boom")
+
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = Scheduler(outbox, agent="a", region="r", probes={"tcp": broken}, rng=NoJitter())
+    scheduler.apply(True, assign(check()))
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(scheduler):
+            [result] = await take(outbox, 1)
+
+    assert result.failure is FailureClass.INTERNAL
+    assert result.outcome.message == "probe failed: RuntimeError: boom"
+    [error] = [e for e in logs if e["log_level"] == "error"]
+    assert error["check"] == "c"
+    assert error["exc_info"]
+
+
+async def test_each_result_is_logged_with_check_agent_and_region() -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    with structlog.testing.capture_logs() as logs:
+        scheduler = scheduler_for(probe, outbox)
+        scheduler.apply(True, assign(check("web")))
+        async with running(scheduler):
+            await take(outbox, 1)
+
+    [entry] = [e for e in logs if e["event"] == "probe result"]
+    assert entry["log_level"] == "debug"
+    assert (entry["check"], entry["agent"], entry["region"]) == ("web", "eu-1", "eu")
+
+
+async def test_check_without_a_probe_is_skipped() -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = Scheduler(outbox, agent="a", region="r", probes={"tcp": probe}, rng=NoJitter())
+    web = parse_check({"name": "web", "type": "http", "target": "http://127.0.0.1/"})
+
+    with structlog.testing.capture_logs() as logs:
+        scheduler.apply(True, assign(web, check("port")))
+
+    assert set(scheduler.assignments) == {"port"}
+    assert any(e["event"].startswith("check skipped") and e["check"] == "web" for e in logs)
+
+
+async def test_stopping_the_scheduler_stops_every_check(until: Any) -> None:
+    probe = Probe(block=lambda c: True)
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(check("a"), check("b")))
+
+    async with running(scheduler):
+        await until(lambda: len(probe.calls) == 2)
+
+    assert sorted(probe.cancelled) == ["127.0.0.1:1", "127.0.0.1:1"]
+    assert outbox.empty()
