@@ -22,10 +22,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-# Debian packages the tests use: promtool (prometheus).
+# Debian packages the tests use: promtool (prometheus), openssl (test certificates).
+SYSTEM_TOOLS := promtool:prometheus openssl:openssl
 system-deps:  ## install the Debian packages the tests need
-	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 run: $(VENV)/.installed  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh

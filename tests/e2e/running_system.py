@@ -1,0 +1,212 @@
+"""Real processes for end-to-end tests: the `vantage` command, HTTP servers, ports.
+
+Every process started here is stopped when its fixture ends, whatever the test did.
+Deadlines below only bound how long a test waits for the system to get somewhere; no
+test asserts how fast it got there.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+VANTAGE = str(BIN / "vantage")
+TOKEN = "e2e-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll until predicate() is truthy; fail naming ``what`` and the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+@dataclass
+class Proc:
+    """A child process whose stderr goes to a file we can read while it runs."""
+
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> Proc:
+        with self.log.open("wb") as stderr:  # the child keeps its own descriptor
+            self.popen = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        return self
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.stderr().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+@dataclass
+class Coordinator:
+    proc: Proc
+    grpc_port: int
+    http_port: int
+    config: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text: str = response.read().decode()
+            return text
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a `vantage` client command against this coordinator."""
+        result = subprocess.run(
+            [VANTAGE, *args, "--coordinator", self.address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check and result.returncode != 0:
+            pytest.fail(f"vantage {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def status(self, check: str) -> dict[str, Any]:
+        result = self.cli("status", check, "--json")
+        verdicts: list[dict[str, Any]] = json.loads(result.stdout)["verdicts"]
+        return verdicts[0]
+
+
+class System:
+    """Starts coordinators, agents and HTTP servers in a temporary directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.procs: list[Proc] = []
+
+    def write_config(self, checks: str, *, engine: str = "") -> Path:
+        (self.dir / "checks.yaml").write_text(checks)
+        (self.dir / "tokens.yaml").write_text(f"tokens:\n  - token: {TOKEN}\n")
+        (self.dir / "agent.token").write_text(TOKEN + "\n")
+        config = self.dir / "coordinator.yaml"
+        config.write_text(
+            "listen: 127.0.0.1:0\n"
+            "http_listen: 127.0.0.1:0\n"
+            "checks_file: checks.yaml\n"
+            "tokens_file: tokens.yaml\n"
+            "heartbeat_interval: 1s\n" + engine
+        )
+        return config
+
+    def spawn(self, name: str, *args: str) -> Proc:
+        proc = Proc([*args], self.dir / f"{name}.log").start()
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, config: Path) -> Coordinator:
+        proc = self.spawn("coordinator", VANTAGE, "coordinator", "--config", str(config))
+
+        def listening() -> dict[str, Any] | None:
+            if proc.popen.poll() is not None:
+                pytest.fail(f"coordinator exited {proc.popen.returncode}: {proc.stderr()}")
+            for event in proc.log_events():
+                if event.get("event") == "coordinator listening":
+                    return event
+            return None
+
+        event = wait_until(listening, 20, "the coordinator to listen")
+        return Coordinator(proc, event["grpc_port"], event["http_port"], config)
+
+    def agent(
+        self, coordinator: Coordinator, name: str, region: str, token_file: Path | None = None
+    ) -> Proc:
+        return self.spawn(
+            f"agent-{name}",
+            VANTAGE,
+            "agent",
+            "--coordinator",
+            coordinator.address,
+            "--name",
+            name,
+            "--region",
+            region,
+            "--token-file",
+            str(token_file or self.dir / "agent.token"),
+            "--log-level",
+            "debug",
+        )
+
+    def http_server(self, port: int) -> Proc:
+        """A real HTTP server (Python's http.server) serving an empty directory."""
+        root = self.dir / "www"
+        root.mkdir(exist_ok=True)
+        proc = self.spawn(
+            f"http-{port}",
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(root),
+            str(port),
+        )
+
+        def serving() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(serving, 10, f"the HTTP server on port {port}")
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
