@@ -28,10 +28,10 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from vantage.checks import AnyCheck
 from vantage.durations import format_duration
 from vantage.logs import get_logger
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult
-from vantage.wire import AnyCheck
 
 from .probes import PROBES, ProbeFn
 

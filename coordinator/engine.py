@@ -91,7 +91,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from vantage.checks import HttpCheck, TcpCheck
+from vantage.checks import AnyCheck
 from vantage.results import FailureClass, ProbeResult
 
 from .verdicts import RegionState, RegionView, Transition, Verdict, VerdictState
@@ -240,7 +240,7 @@ class VerdictEngine:
 
     # -- inputs --------------------------------------------------------------------------
 
-    def set_checks(self, checks: Iterable[HttpCheck | TcpCheck]) -> list[Transition]:
+    def set_checks(self, checks: Iterable[AnyCheck]) -> list[Transition]:
         """Replace the check set.
 
         A new check starts ``unknown`` (``since`` is now; no transition). A removed check
@@ -249,7 +249,7 @@ class VerdictEngine:
         once, which may cause a transition. ValueError on a duplicate name, before any
         change.
         """
-        specs: dict[str, HttpCheck | TcpCheck] = {}
+        specs: dict[str, AnyCheck] = {}
         for spec in checks:
             if spec.name in specs:
                 raise ValueError(f"duplicate check name {spec.name!r}")

@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from vantage.checks import HttpCheck, TcpCheck
-
-AnyCheck = HttpCheck | TcpCheck
+from vantage.checks import AnyCheck
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from vantage import __version__
-from vantage.checks import load_checks
+from vantage.checks import AnyCheck, load_checks
 from vantage.configfile import ConfigError
 from vantage.logs import get_logger
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc, query_pb2, query_pb2_grpc
@@ -54,7 +54,7 @@ from .fleet import AgentFleet
 from .http import HttpEndpoint, build_app
 from .metrics import CoordinatorMetrics
 from .query_service import QueryService
-from .registry import AnyCheck, CheckRegistry
+from .registry import CheckRegistry
 from .tokens import TokenRegistry
 from .transitions import TransitionFeed, TransitionLog, TransitionRecorder
 

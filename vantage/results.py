@@ -51,19 +51,55 @@ class Phases:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsDetails:
+    """What a TLS handshake found; ``earliest_expiry`` is the earliest notAfter of the
+    presented chain, in seconds since the epoch (0 when unknown)."""
+
+    version: str = ""
+    cipher: str = ""
+    earliest_expiry: float = 0.0
+    subject: str = ""
+    issuer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class HttpDetails:
     status_code: int = 0
     http_version: str = ""
     final_url: str = ""
     body_bytes: int = 0
+    redirects: int = 0
+    peer: str = ""
+    tls: TlsDetails | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TcpDetails:
     peer: str = ""
+    tls: TlsDetails | None = None
+    received: str = ""  # the first bytes the peer sent, when the check reads any
 
 
-Details = HttpDetails | TcpDetails | None
+@dataclass(frozen=True, slots=True)
+class DnsDetails:
+    rcode: str = ""
+    answers: tuple[str, ...] = ()
+    server: str = ""
+    tcp_fallback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpDetails:
+    sent: int = 0
+    received: int = 0
+    loss_percent: float = 0.0
+    rtt_min: float = 0.0  # seconds
+    rtt_avg: float = 0.0
+    rtt_max: float = 0.0
+    address: str = ""
+
+
+Details = HttpDetails | TcpDetails | DnsDetails | IcmpDetails | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +111,7 @@ class ProbeOutcome:
     message: str = ""
     phases: Phases = field(default_factory=Phases)
     details: Details = None
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.success != (self.failure is None):
@@ -87,8 +124,9 @@ class ProbeOutcome:
         message: str,
         phases: Phases | None = None,
         details: Details = None,
+        warnings: tuple[str, ...] = (),
     ) -> ProbeOutcome:
-        return cls(False, failure, message, phases or Phases(), details)
+        return cls(False, failure, message, phases or Phases(), details, warnings)
 
 
 @dataclass(frozen=True, slots=True)

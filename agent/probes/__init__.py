@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from vantage.checks import AnyCheck
 from vantage.results import ProbeOutcome
-from vantage.wire import AnyCheck
 
 from .http import probe_http
 from .tcp import probe_tcp

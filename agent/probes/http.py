@@ -34,9 +34,8 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 import vantage
-from vantage.checks import HttpCheck
+from vantage.checks import AnyCheck, HttpCheck
 from vantage.results import FailureClass, HttpDetails, ProbeOutcome
-from vantage.wire import AnyCheck
 
 from .network import (
     PhaseClock,

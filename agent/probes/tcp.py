@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
-from vantage.checks import TcpCheck, split_host_port
+from vantage.checks import AnyCheck, TcpCheck, split_host_port
 from vantage.results import ProbeOutcome, TcpDetails
-from vantage.wire import AnyCheck
 
 from .network import ProbeFailure, addresses_for, connect, start_clock
 

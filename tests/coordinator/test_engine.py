@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from coordinator.engine import EngineSettings, VerdictEngine
 from coordinator.verdicts import RegionState, RegionView, Transition, VerdictState
-from vantage.checks import HttpCheck, TcpCheck, parse_check
+from vantage.checks import AnyCheck, parse_check
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 
 T0 = 1_800_000_000.0
@@ -34,7 +34,7 @@ class FakeClock:
 _seq = itertools.count(1)
 
 
-def check(name: str = "web", interval: float = 30, timeout: float = 10) -> HttpCheck | TcpCheck:
+def check(name: str = "web", interval: float = 30, timeout: float = 10) -> AnyCheck:
     return parse_check(
         {
             "name": name,

@@ -309,6 +309,9 @@ class ProbeResult(_message.Message):
     PHASES_FIELD_NUMBER: _builtins.int
     HTTP_FIELD_NUMBER: _builtins.int
     TCP_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
+    ICMP_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     check: _builtins.str
     check_revision: _builtins.int
     seq: _builtins.int
@@ -326,6 +329,14 @@ class ProbeResult(_message.Message):
     def http(self) -> Global___HttpDetails: ...
     @_builtins.property
     def tcp(self) -> Global___TcpDetails: ...
+    @_builtins.property
+    def dns(self) -> Global___DnsDetails: ...
+    @_builtins.property
+    def icmp(self) -> Global___IcmpDetails: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Things worth knowing that do not fail the check ("certificate expires in 5 days")."""
+
     def __init__(
         self,
         *,
@@ -340,16 +351,54 @@ class ProbeResult(_message.Message):
         phases: Global___Phases | None = ...,
         http: Global___HttpDetails | None = ...,
         tcp: Global___TcpDetails | None = ...,
+        dns: Global___DnsDetails | None = ...,
+        icmp: Global___IcmpDetails | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "http", b"http", "phases", b"phases", "tcp", b"tcp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "dns", b"dns", "http", b"http", "icmp", b"icmp", "phases", b"phases", "tcp", b"tcp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "check_revision", b"check_revision", "details", b"details", "duration_us", b"duration_us", "failure", b"failure", "http", b"http", "message", b"message", "phases", b"phases", "seq", b"seq", "started_unix_us", b"started_unix_us", "success", b"success", "tcp", b"tcp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "check_revision", b"check_revision", "details", b"details", "dns", b"dns", "duration_us", b"duration_us", "failure", b"failure", "http", b"http", "icmp", b"icmp", "message", b"message", "phases", b"phases", "seq", b"seq", "started_unix_us", b"started_unix_us", "success", b"success", "tcp", b"tcp", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_details: _TypeAlias = _typing.Literal["http", "tcp"]  # noqa: Y015
+    _WhichOneofReturnType_details: _TypeAlias = _typing.Literal["http", "tcp", "dns", "icmp"]  # noqa: Y015
     _WhichOneofArgType_details: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_details) -> _WhichOneofReturnType_details | None: ...
 
 Global___ProbeResult: _TypeAlias = ProbeResult  # noqa: Y015
+
+@_typing.final
+class TlsDetails(_message.Message):
+    """What a TLS handshake found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    CIPHER_FIELD_NUMBER: _builtins.int
+    EARLIEST_EXPIRY_UNIX_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    cipher: _builtins.str
+    earliest_expiry_unix: _builtins.int
+    """The earliest notAfter of the presented chain, seconds since the Unix epoch."""
+    subject: _builtins.str
+    """Subject of the leaf certificate."""
+    issuer: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        cipher: _builtins.str = ...,
+        earliest_expiry_unix: _builtins.int = ...,
+        subject: _builtins.str = ...,
+        issuer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher", b"cipher", "earliest_expiry_unix", b"earliest_expiry_unix", "issuer", b"issuer", "subject", b"subject", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TlsDetails: _TypeAlias = TlsDetails  # noqa: Y015
 
 @_typing.final
 class HttpDetails(_message.Message):
@@ -359,10 +408,18 @@ class HttpDetails(_message.Message):
     HTTP_VERSION_FIELD_NUMBER: _builtins.int
     FINAL_URL_FIELD_NUMBER: _builtins.int
     BODY_BYTES_FIELD_NUMBER: _builtins.int
+    REDIRECTS_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     status_code: _builtins.int
     http_version: _builtins.str
     final_url: _builtins.str
     body_bytes: _builtins.int
+    redirects: _builtins.int
+    peer: _builtins.str
+    """The peer actually connected to for the final request, "ip:port"."""
+    @_builtins.property
+    def tls(self) -> Global___TlsDetails: ...
     def __init__(
         self,
         *,
@@ -370,10 +427,13 @@ class HttpDetails(_message.Message):
         http_version: _builtins.str = ...,
         final_url: _builtins.str = ...,
         body_bytes: _builtins.int = ...,
+        redirects: _builtins.int = ...,
+        peer: _builtins.str = ...,
+        tls: Global___TlsDetails | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "final_url", b"final_url", "http_version", b"http_version", "status_code", b"status_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "final_url", b"final_url", "http_version", b"http_version", "peer", b"peer", "redirects", b"redirects", "status_code", b"status_code", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,20 +444,99 @@ class TcpDetails(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PEER_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     """The address actually connected to, "ip:port"."""
+    received: _builtins.str
+    """The first bytes the peer sent (at most 256), when the check reads any."""
+    @_builtins.property
+    def tls(self) -> Global___TlsDetails: ...
     def __init__(
         self,
         *,
         peer: _builtins.str = ...,
+        tls: Global___TlsDetails | None = ...,
+        received: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "received", b"received", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TcpDetails: _TypeAlias = TcpDetails  # noqa: Y015
+
+@_typing.final
+class DnsDetails(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RCODE_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    TCP_FALLBACK_FIELD_NUMBER: _builtins.int
+    rcode: _builtins.str
+    server: _builtins.str
+    """The server that answered, "ip:port"."""
+    tcp_fallback: _builtins.bool
+    """The UDP answer was truncated and the query was repeated over TCP."""
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Answers of the asked type, in presentation format ("192.0.2.1", "10 mx.example.")."""
+
+    def __init__(
+        self,
+        *,
+        rcode: _builtins.str = ...,
+        answers: _abc.Iterable[_builtins.str] | None = ...,
+        server: _builtins.str = ...,
+        tcp_fallback: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "rcode", b"rcode", "server", b"server", "tcp_fallback", b"tcp_fallback"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsDetails: _TypeAlias = DnsDetails  # noqa: Y015
+
+@_typing.final
+class IcmpDetails(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    LOSS_PERCENT_FIELD_NUMBER: _builtins.int
+    RTT_MIN_US_FIELD_NUMBER: _builtins.int
+    RTT_AVG_US_FIELD_NUMBER: _builtins.int
+    RTT_MAX_US_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    sent: _builtins.int
+    received: _builtins.int
+    loss_percent: _builtins.float
+    rtt_min_us: _builtins.int
+    rtt_avg_us: _builtins.int
+    rtt_max_us: _builtins.int
+    address: _builtins.str
+    """The address pinged."""
+    def __init__(
+        self,
+        *,
+        sent: _builtins.int = ...,
+        received: _builtins.int = ...,
+        loss_percent: _builtins.float = ...,
+        rtt_min_us: _builtins.int = ...,
+        rtt_avg_us: _builtins.int = ...,
+        rtt_max_us: _builtins.int = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "loss_percent", b"loss_percent", "received", b"received", "rtt_avg_us", b"rtt_avg_us", "rtt_max_us", b"rtt_max_us", "rtt_min_us", b"rtt_min_us", "sent", b"sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IcmpDetails: _TypeAlias = IcmpDetails  # noqa: Y015
 
 @_typing.final
 class ProbeRequest(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vantage/v1/common.proto\x12\nvantage.v1\"\x93\x02\n\x05\x43heck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x13\n\x0binterval_ms\x18\x04 \x01(\r\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12-\n\x06labels\x18\x06 \x03(\x0b\x32\x1d.vantage.v1.Check.LabelsEntry\x12%\n\x04http\x18\n \x01(\x0b\x32\x15.vantage.v1.HttpProbeH\x00\x12#\n\x03tcp\x18\x0b \x01(\x0b\x32\x14.vantage.v1.TcpProbeH\x00\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05probe\"M\n\tHttpProbe\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x30\n\x0f\x65xpected_status\x18\x02 \x03(\x0b\x32\x17.vantage.v1.StatusRange\"(\n\x0bStatusRange\x12\x0b\n\x03low\x18\x01 \x01(\r\x12\x0c\n\x04high\x18\x02 \x01(\r\"\n\n\x08TcpProbe*\x9d\x04\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46\x41ILURE_CLASS_DNS_NXDOMAIN\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_CLASS_DNS_SERVFAIL\x10\x02\x12\x1d\n\x19\x46\x41ILURE_CLASS_DNS_TIMEOUT\x10\x03\x12!\n\x1d\x46\x41ILURE_CLASS_CONNECT_REFUSED\x10\x04\x12!\n\x1d\x46\x41ILURE_CLASS_CONNECT_TIMEOUT\x10\x05\x12%\n!FAILURE_CLASS_NETWORK_UNREACHABLE\x10\x06\x12\x1f\n\x1b\x46\x41ILURE_CLASS_TLS_HANDSHAKE\x10\x07\x12\"\n\x1e\x46\x41ILURE_CLASS_TLS_CERT_INVALID\x10\x08\x12\"\n\x1e\x46\x41ILURE_CLASS_TLS_CERT_EXPIRED\x10\t\x12\x1d\n\x19\x46\x41ILURE_CLASS_HTTP_STATUS\x10\n\x12\x1f\n\x1b\x46\x41ILURE_CLASS_BODY_MISMATCH\x10\x0b\x12%\n!FAILURE_CLASS_DNS_ANSWER_MISMATCH\x10\x0c\x12\x1b\n\x17\x46\x41ILURE_CLASS_ICMP_LOSS\x10\r\x12\x19\n\x15\x46\x41ILURE_CLASS_TIMEOUT\x10\x0e\x12\x1a\n\x16\x46\x41ILURE_CLASS_INTERNAL\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vantage/v1/common.proto\x12\nvantage.v1\"\xdf\x02\n\x05\x43heck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x13\n\x0binterval_ms\x18\x04 \x01(\r\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12-\n\x06labels\x18\x06 \x03(\x0b\x32\x1d.vantage.v1.Check.LabelsEntry\x12%\n\x04http\x18\n \x01(\x0b\x32\x15.vantage.v1.HttpProbeH\x00\x12#\n\x03tcp\x18\x0b \x01(\x0b\x32\x14.vantage.v1.TcpProbeH\x00\x12#\n\x03\x64ns\x18\x0c \x01(\x0b\x32\x14.vantage.v1.DnsProbeH\x00\x12%\n\x04icmp\x18\r \x01(\x0b\x32\x15.vantage.v1.IcmpProbeH\x00\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05probe\"\xa2\x01\n\nTlsOptions\x12\x1c\n\x14insecure_skip_verify\x18\x01 \x01(\x08\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\t\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\x12\x17\n\x0f\x63lient_cert_pem\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_key_pem\x18\x05 \x01(\t\x12 \n\x18\x63\x65rt_expiry_warning_days\x18\x06 \x01(\r\"\xed\x02\n\tHttpProbe\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x30\n\x0f\x65xpected_status\x18\x02 \x03(\x0b\x32\x17.vantage.v1.StatusRange\x12\x33\n\x07headers\x18\x03 \x03(\x0b\x32\".vantage.v1.HttpProbe.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12\x12\n\nbody_match\x18\x05 \x01(\t\x12\x16\n\x0e\x62ody_not_match\x18\x06 \x01(\t\x12\x18\n\x10\x66ollow_redirects\x18\x07 \x01(\x08\x12\x15\n\rmax_redirects\x18\x08 \x01(\r\x12)\n\nip_version\x18\t \x01(\x0e\x32\x15.vantage.v1.IpVersion\x12#\n\x03tls\x18\n \x01(\x0b\x32\x16.vantage.v1.TlsOptions\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x0bStatusRange\x12\x0b\n\x03low\x18\x01 \x01(\r\x12\x0c\n\x04high\x18\x02 \x01(\r\"x\n\x08TcpProbe\x12#\n\x03tls\x18\x01 \x01(\x0b\x32\x16.vantage.v1.TlsOptions\x12\x0c\n\x04send\x18\x02 \x01(\t\x12\x0e\n\x06\x65xpect\x18\x03 \x01(\t\x12)\n\nip_version\x18\x04 \x01(\x0e\x32\x15.vantage.v1.IpVersion\"\xa2\x01\n\x08\x44nsProbe\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x0b\n\x03tcp\x18\x03 \x01(\x08\x12\x16\n\x0e\x65xpected_rcode\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_answers\x18\x05 \x03(\t\x12\x1c\n\x14has_expected_answers\x18\x06 \x01(\x08\x12\x14\n\x0c\x61nswer_match\x18\x07 \x01(\t\"\x91\x01\n\tIcmpProbe\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1a\n\x12packet_interval_ms\x18\x02 \x01(\r\x12\x18\n\x10max_loss_percent\x18\x03 \x01(\x01\x12)\n\nip_version\x18\x04 \x01(\x0e\x32\x15.vantage.v1.IpVersion\x12\x14\n\x0cpayload_size\x18\x05 \x01(\r*\x9d\x04\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46\x41ILURE_CLASS_DNS_NXDOMAIN\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_CLASS_DNS_SERVFAIL\x10\x02\x12\x1d\n\x19\x46\x41ILURE_CLASS_DNS_TIMEOUT\x10\x03\x12!\n\x1d\x46\x41ILURE_CLASS_CONNECT_REFUSED\x10\x04\x12!\n\x1d\x46\x41ILURE_CLASS_CONNECT_TIMEOUT\x10\x05\x12%\n!FAILURE_CLASS_NETWORK_UNREACHABLE\x10\x06\x12\x1f\n\x1b\x46\x41ILURE_CLASS_TLS_HANDSHAKE\x10\x07\x12\"\n\x1e\x46\x41ILURE_CLASS_TLS_CERT_INVALID\x10\x08\x12\"\n\x1e\x46\x41ILURE_CLASS_TLS_CERT_EXPIRED\x10\t\x12\x1d\n\x19\x46\x41ILURE_CLASS_HTTP_STATUS\x10\n\x12\x1f\n\x1b\x46\x41ILURE_CLASS_BODY_MISMATCH\x10\x0b\x12%\n!FAILURE_CLASS_DNS_ANSWER_MISMATCH\x10\x0c\x12\x1b\n\x17\x46\x41ILURE_CLASS_ICMP_LOSS\x10\r\x12\x19\n\x15\x46\x41ILURE_CLASS_TIMEOUT\x10\x0e\x12\x1a\n\x16\x46\x41ILURE_CLASS_INTERNAL\x10\x0f*\x89\x01\n\tIpVersion\x12\x1a\n\x16IP_VERSION_UNSPECIFIED\x10\x00\x12\x13\n\x0fIP_VERSION_IPV4\x10\x01\x12\x13\n\x0fIP_VERSION_IPV6\x10\x02\x12\x1a\n\x16IP_VERSION_PREFER_IPV4\x10\x03\x12\x1a\n\x16IP_VERSION_PREFER_IPV6\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHECK_LABELSENTRY']._loaded_options = None
   _globals['_CHECK_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_FAILURECLASS']._serialized_start=451
-  _globals['_FAILURECLASS']._serialized_end=992
+  _globals['_HTTPPROBE_HEADERSENTRY']._loaded_options = None
+  _globals['_HTTPPROBE_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_FAILURECLASS']._serialized_start=1404
+  _globals['_FAILURECLASS']._serialized_end=1945
+  _globals['_IPVERSION']._serialized_start=1948
+  _globals['_IPVERSION']._serialized_end=2085
   _globals['_CHECK']._serialized_start=40
-  _globals['_CHECK']._serialized_end=315
-  _globals['_CHECK_LABELSENTRY']._serialized_start=261
-  _globals['_CHECK_LABELSENTRY']._serialized_end=306
-  _globals['_HTTPPROBE']._serialized_start=317
-  _globals['_HTTPPROBE']._serialized_end=394
-  _globals['_STATUSRANGE']._serialized_start=396
-  _globals['_STATUSRANGE']._serialized_end=436
-  _globals['_TCPPROBE']._serialized_start=438
-  _globals['_TCPPROBE']._serialized_end=448
+  _globals['_CHECK']._serialized_end=391
+  _globals['_CHECK_LABELSENTRY']._serialized_start=337
+  _globals['_CHECK_LABELSENTRY']._serialized_end=382
+  _globals['_TLSOPTIONS']._serialized_start=394
+  _globals['_TLSOPTIONS']._serialized_end=556
+  _globals['_HTTPPROBE']._serialized_start=559
+  _globals['_HTTPPROBE']._serialized_end=924
+  _globals['_HTTPPROBE_HEADERSENTRY']._serialized_start=878
+  _globals['_HTTPPROBE_HEADERSENTRY']._serialized_end=924
+  _globals['_STATUSRANGE']._serialized_start=926
+  _globals['_STATUSRANGE']._serialized_end=966
+  _globals['_TCPPROBE']._serialized_start=968
+  _globals['_TCPPROBE']._serialized_end=1088
+  _globals['_DNSPROBE']._serialized_start=1091
+  _globals['_DNSPROBE']._serialized_end=1253
+  _globals['_ICMPPROBE']._serialized_start=1256
+  _globals['_ICMPPROBE']._serialized_end=1401
 # @@protoc_insertion_point(module_scope)

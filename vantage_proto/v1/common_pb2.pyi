@@ -66,10 +66,43 @@ FAILURE_CLASS_TIMEOUT: FailureClass.ValueType  # 14
 FAILURE_CLASS_INTERNAL: FailureClass.ValueType  # 15
 Global___FailureClass: _TypeAlias = FailureClass  # noqa: Y015
 
+class _IpVersion:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IpVersionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IpVersion.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IP_VERSION_UNSPECIFIED: _IpVersion.ValueType  # 0
+    """any, in the resolver's order"""
+    IP_VERSION_IPV4: _IpVersion.ValueType  # 1
+    """only IPv4"""
+    IP_VERSION_IPV6: _IpVersion.ValueType  # 2
+    """only IPv6"""
+    IP_VERSION_PREFER_IPV4: _IpVersion.ValueType  # 3
+    """IPv4 first, IPv6 if there is none"""
+    IP_VERSION_PREFER_IPV6: _IpVersion.ValueType  # 4
+    """IPv6 first, IPv4 if there is none"""
+
+class IpVersion(_IpVersion, metaclass=_IpVersionEnumTypeWrapper):
+    """Which address family to use when a name has both."""
+
+IP_VERSION_UNSPECIFIED: IpVersion.ValueType  # 0
+"""any, in the resolver's order"""
+IP_VERSION_IPV4: IpVersion.ValueType  # 1
+"""only IPv4"""
+IP_VERSION_IPV6: IpVersion.ValueType  # 2
+"""only IPv6"""
+IP_VERSION_PREFER_IPV4: IpVersion.ValueType  # 3
+"""IPv4 first, IPv6 if there is none"""
+IP_VERSION_PREFER_IPV6: IpVersion.ValueType  # 4
+"""IPv6 first, IPv4 if there is none"""
+Global___IpVersion: _TypeAlias = IpVersion  # noqa: Y015
+
 @_typing.final
 class Check(_message.Message):
     """A check: an operator-named probe spec. The coordinator owns checks; agents
-    receive them as assignments and run them on their interval.
+    receive them as assignments and run them on their interval. Field names follow the
+    checks file (see deploy/examples/checks.yaml), so both read alike.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -102,14 +135,14 @@ class Check(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     HTTP_FIELD_NUMBER: _builtins.int
     TCP_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
+    ICMP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique, operator-chosen name; results refer to the check by it."""
     revision: _builtins.int
-    """Increases whenever the check's spec changes, so a result can be matched to
-    the spec that produced it.
-    """
+    """A digest of the spec: changes whenever the spec changes, equal for equal specs."""
     target: _builtins.str
-    """What to probe: a URL for http, host:port for tcp."""
+    """What to probe: a URL for http, host:port for tcp, a name for dns, a host for icmp."""
     interval_ms: _builtins.int
     timeout_ms: _builtins.int
     """Always below interval_ms."""
@@ -118,9 +151,11 @@ class Check(_message.Message):
     @_builtins.property
     def http(self) -> Global___HttpProbe: ...
     @_builtins.property
-    def tcp(self) -> Global___TcpProbe:
-        """12: dns, 13: icmp (the probe suite)."""
-
+    def tcp(self) -> Global___TcpProbe: ...
+    @_builtins.property
+    def dns(self) -> Global___DnsProbe: ...
+    @_builtins.property
+    def icmp(self) -> Global___IcmpProbe: ...
     def __init__(
         self,
         *,
@@ -132,38 +167,132 @@ class Check(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         http: Global___HttpProbe | None = ...,
         tcp: Global___TcpProbe | None = ...,
+        dns: Global___DnsProbe | None = ...,
+        icmp: Global___IcmpProbe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["http", b"http", "probe", b"probe", "tcp", b"tcp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "http", b"http", "icmp", b"icmp", "probe", b"probe", "tcp", b"tcp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["http", b"http", "interval_ms", b"interval_ms", "labels", b"labels", "name", b"name", "probe", b"probe", "revision", b"revision", "target", b"target", "tcp", b"tcp", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "http", b"http", "icmp", b"icmp", "interval_ms", b"interval_ms", "labels", b"labels", "name", b"name", "probe", b"probe", "revision", b"revision", "target", b"target", "tcp", b"tcp", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_probe: _TypeAlias = _typing.Literal["http", "tcp"]  # noqa: Y015
+    _WhichOneofReturnType_probe: _TypeAlias = _typing.Literal["http", "tcp", "dns", "icmp"]  # noqa: Y015
     _WhichOneofArgType_probe: _TypeAlias = _typing.Literal["probe", b"probe"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_probe) -> _WhichOneofReturnType_probe | None: ...
 
 Global___Check: _TypeAlias = Check  # noqa: Y015
 
 @_typing.final
+class TlsOptions(_message.Message):
+    """TLS settings of an https or TLS-over-TCP check. Certificates travel as PEM text:
+    the coordinator reads the files its checks file names, agents need no copies.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    CA_PEM_FIELD_NUMBER: _builtins.int
+    SERVER_NAME_FIELD_NUMBER: _builtins.int
+    CLIENT_CERT_PEM_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_PEM_FIELD_NUMBER: _builtins.int
+    CERT_EXPIRY_WARNING_DAYS_FIELD_NUMBER: _builtins.int
+    insecure_skip_verify: _builtins.bool
+    """Verify the chain and the host name (default true; false still reports expiry)."""
+    ca_pem: _builtins.str
+    """Trust these CAs instead of the system's."""
+    server_name: _builtins.str
+    """Send this SNI and verify against it instead of the target's host name."""
+    client_cert_pem: _builtins.str
+    client_key_pem: _builtins.str
+    cert_expiry_warning_days: _builtins.int
+    """Warn (success stays true) when a certificate of the chain expires within this many
+    days; 0 disables the warning.
+    """
+    def __init__(
+        self,
+        *,
+        insecure_skip_verify: _builtins.bool = ...,
+        ca_pem: _builtins.str = ...,
+        server_name: _builtins.str = ...,
+        client_cert_pem: _builtins.str = ...,
+        client_key_pem: _builtins.str = ...,
+        cert_expiry_warning_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "cert_expiry_warning_days", b"cert_expiry_warning_days", "client_cert_pem", b"client_cert_pem", "client_key_pem", b"client_key_pem", "insecure_skip_verify", b"insecure_skip_verify", "server_name", b"server_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TlsOptions: _TypeAlias = TlsOptions  # noqa: Y015
+
+@_typing.final
 class HttpProbe(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     METHOD_FIELD_NUMBER: _builtins.int
     EXPECTED_STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    BODY_MATCH_FIELD_NUMBER: _builtins.int
+    BODY_NOT_MATCH_FIELD_NUMBER: _builtins.int
+    FOLLOW_REDIRECTS_FIELD_NUMBER: _builtins.int
+    MAX_REDIRECTS_FIELD_NUMBER: _builtins.int
+    IP_VERSION_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """Upper-case method; GET when empty."""
+    body: _builtins.str
+    body_match: _builtins.str
+    """The body must match this regular expression (Python syntax), when set."""
+    body_not_match: _builtins.str
+    """The body must not match this regular expression, when set."""
+    follow_redirects: _builtins.bool
+    max_redirects: _builtins.int
+    ip_version: Global___IpVersion.ValueType
     @_builtins.property
     def expected_status(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusRange]:
         """Accepted status codes; 200-399 when empty."""
 
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def tls(self) -> Global___TlsOptions: ...
     def __init__(
         self,
         *,
         method: _builtins.str = ...,
         expected_status: _abc.Iterable[Global___StatusRange] | None = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        body: _builtins.str = ...,
+        body_match: _builtins.str = ...,
+        body_not_match: _builtins.str = ...,
+        follow_redirects: _builtins.bool = ...,
+        max_redirects: _builtins.int = ...,
+        ip_version: Global___IpVersion.ValueType = ...,
+        tls: Global___TlsOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_status", b"expected_status", "method", b"method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "body_match", b"body_match", "body_not_match", b"body_not_match", "expected_status", b"expected_status", "follow_redirects", b"follow_redirects", "headers", b"headers", "ip_version", b"ip_version", "max_redirects", b"max_redirects", "method", b"method", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,13 +326,108 @@ Global___StatusRange: _TypeAlias = StatusRange  # noqa: Y015
 class TcpProbe(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    TLS_FIELD_NUMBER: _builtins.int
+    SEND_FIELD_NUMBER: _builtins.int
+    EXPECT_FIELD_NUMBER: _builtins.int
+    IP_VERSION_FIELD_NUMBER: _builtins.int
+    send: _builtins.str
+    """Sent after connecting (and the TLS handshake), when set."""
+    expect: _builtins.str
+    """What the peer sends must match this regular expression, when set."""
+    ip_version: Global___IpVersion.ValueType
+    @_builtins.property
+    def tls(self) -> Global___TlsOptions:
+        """Set: speak TLS after connecting."""
+
     def __init__(
         self,
+        *,
+        tls: Global___TlsOptions | None = ...,
+        send: _builtins.str = ...,
+        expect: _builtins.str = ...,
+        ip_version: Global___IpVersion.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expect", b"expect", "ip_version", b"ip_version", "send", b"send", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TcpProbe: _TypeAlias = TcpProbe  # noqa: Y015
+
+@_typing.final
+class DnsProbe(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_TYPE_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    TCP_FIELD_NUMBER: _builtins.int
+    EXPECTED_RCODE_FIELD_NUMBER: _builtins.int
+    EXPECTED_ANSWERS_FIELD_NUMBER: _builtins.int
+    HAS_EXPECTED_ANSWERS_FIELD_NUMBER: _builtins.int
+    ANSWER_MATCH_FIELD_NUMBER: _builtins.int
+    record_type: _builtins.str
+    """A, AAAA, CNAME, MX, TXT, NS or SOA."""
+    server: _builtins.str
+    """"ip" or "ip:port" ("[v6]:port"); the agent's system resolver when empty."""
+    tcp: _builtins.bool
+    """Query over TCP only (default: UDP, then TCP when the answer is truncated)."""
+    expected_rcode: _builtins.str
+    """Expected response code (NOERROR when empty)."""
+    has_expected_answers: _builtins.bool
+    answer_match: _builtins.str
+    """At least one answer must match this regular expression, when set."""
+    @_builtins.property
+    def expected_answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The answers must be exactly this set, when has_expected_answers."""
+
+    def __init__(
+        self,
+        *,
+        record_type: _builtins.str = ...,
+        server: _builtins.str = ...,
+        tcp: _builtins.bool = ...,
+        expected_rcode: _builtins.str = ...,
+        expected_answers: _abc.Iterable[_builtins.str] | None = ...,
+        has_expected_answers: _builtins.bool = ...,
+        answer_match: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_match", b"answer_match", "expected_answers", b"expected_answers", "expected_rcode", b"expected_rcode", "has_expected_answers", b"has_expected_answers", "record_type", b"record_type", "server", b"server", "tcp", b"tcp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsProbe: _TypeAlias = DnsProbe  # noqa: Y015
+
+@_typing.final
+class IcmpProbe(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    PACKET_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    MAX_LOSS_PERCENT_FIELD_NUMBER: _builtins.int
+    IP_VERSION_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SIZE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    packet_interval_ms: _builtins.int
+    max_loss_percent: _builtins.float
+    """Loss above this percentage fails the check with icmp_loss."""
+    ip_version: Global___IpVersion.ValueType
+    payload_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        packet_interval_ms: _builtins.int = ...,
+        max_loss_percent: _builtins.float = ...,
+        ip_version: Global___IpVersion.ValueType = ...,
+        payload_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "ip_version", b"ip_version", "max_loss_percent", b"max_loss_percent", "packet_interval_ms", b"packet_interval_ms", "payload_size", b"payload_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IcmpProbe: _TypeAlias = IcmpProbe  # noqa: Y015
