@@ -77,7 +77,7 @@ async def probe_http(check: AnyCheck, *, tls: ssl.SSLContext | None = None) -> P
     deadline = asyncio.timeout(check.timeout)
     try:
         async with deadline:
-            addresses = await addresses_for(clock, request.host, request.port)
+            addresses = await addresses_for(clock, request.host, request.port, check.ip_version)
 
             def new_reader() -> _ResponseReader:
                 return _ResponseReader(clock, exchange, head_only=check.method == "HEAD")

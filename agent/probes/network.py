@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
+from vantage.checks import IpVersion
 from vantage.durations import format_duration
 from vantage.results import FailureClass, Phases
 
@@ -149,18 +150,40 @@ def start_clock(host: str) -> PhaseClock:
 
 
 async def addresses_for(
-    clock: PhaseClock, host: str, port: int
+    clock: PhaseClock, host: str, port: int, ip_version: IpVersion = "any"
 ) -> list[tuple[socket.AddressFamily, str]]:
-    """The addresses to connect to, leaving ``clock`` in the ``connect`` phase.
+    """The addresses to connect to, in order, leaving ``clock`` in the ``connect`` phase.
 
-    An IP literal is its own answer; a name is resolved (``resolve``: ProbeFailure).
+    An IP literal is its own answer; a name is resolved (``resolve``: ProbeFailure). The
+    check's ``ip_version`` filters and orders them; a name left with no address of the
+    wanted family fails as dns_nxdomain ("no IPv6 address"), like a name without records.
     """
     literal = ip_literal(host)
     if literal:
-        return [literal]
-    addresses = await resolve(host, port)
-    clock.enter("connect", f"connect {format_peer(host, port)}")
-    return addresses
+        addresses = [literal]
+    else:
+        addresses = await resolve(host, port)
+        clock.enter("connect", f"connect {format_peer(host, port)}")
+    ordered = by_ip_version(addresses, ip_version)
+    if not ordered:
+        family = "IPv4" if ip_version == "ipv4" else "IPv6"
+        if literal:
+            raise ProbeFailure(
+                FailureClass.INTERNAL, f"{host} is not an {family} address (ip_version)"
+            )
+        raise ProbeFailure(FailureClass.DNS_NXDOMAIN, f"resolve {host}: no {family} address")
+    return ordered
+
+
+def by_ip_version(
+    addresses: list[tuple[socket.AddressFamily, str]], ip_version: IpVersion
+) -> list[tuple[socket.AddressFamily, str]]:
+    """Filter and order (family, address) pairs as a check's ``ip_version`` asks."""
+    if ip_version == "any":
+        return addresses
+    v4 = [entry for entry in addresses if entry[0] == socket.AF_INET]
+    v6 = [entry for entry in addresses if entry[0] == socket.AF_INET6]
+    return {"ipv4": v4, "ipv6": v6, "prefer_ipv4": v4 + v6, "prefer_ipv6": v6 + v4}[ip_version]
 
 
 async def connect(

@@ -31,7 +31,7 @@ async def probe_tcp(check: AnyCheck) -> ProbeOutcome:
     deadline = asyncio.timeout(check.timeout)
     try:
         async with deadline:
-            addresses = await addresses_for(clock, host, port)
+            addresses = await addresses_for(clock, host, port, check.ip_version)
             transport, _, peer = await connect(clock, addresses, port, asyncio.Protocol)
     except ProbeFailure as failure:
         return ProbeOutcome.failed(failure.failure, failure.message, clock.phases())
