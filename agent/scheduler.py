@@ -12,6 +12,11 @@ scheduler's own task group:
 - A probe enforces its check's timeout itself; the scheduler adds a hard outer limit of
   timeout + grace as a safety net (reported as ``timeout``) and turns any exception from
   a probe into an ``internal`` result, logged with its traceback.
+- Cost per run is what bounds an agent's probe rate, so the scheduler arms no timer of its
+  own per run: the check loops wait on one shared ``_Timeline`` (a heap woken by a single
+  timer), and the outer limit is enforced by a watchdog that looks at the probes in
+  flight every ``LIMIT_CHECK_PERIOD`` (so a probe is cut off at most that much after
+  timeout + grace).
 - Results get the next sequence number of this scheduler (1, 2, 3, ...) when they enter
   the outbox, so the outbox, the link's buffer and the stream all carry them in sequence
   order: the coordinator's "everything at or below N" acknowledgements rely on that. When
@@ -22,6 +27,8 @@ scheduler's own task group:
 from __future__ import annotations
 
 import asyncio
+import heapq
+import logging
 import math
 import random
 import time
@@ -36,6 +43,10 @@ from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 from .probes import PROBES, ProbeFn
 
 DEFAULT_GRACE = 1.0
+# How often the watchdog looks for probes past their hard limit (timeout + grace).
+LIMIT_CHECK_PERIOD = 0.1
+# libuv's timers have millisecond resolution: a wake-up may come up to this early.
+_TIMER_SLACK = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,13 @@ class Scheduler:
         self._next_seq = 1
         self._dropped = 0
         self._dropping = False
+        self._timeline = _Timeline()
+        # Check loops inside a probe, with the loop time of their hard limit; and those
+        # the watchdog cancelled for overrunning it.
+        self._running: dict[asyncio.Task[None], float] = {}
+        self._cut_off: set[asyncio.Task[None]] = set()
+        # Checked once: building a disabled debug line's fields costs per result.
+        self._debug = self._log.is_enabled_for(logging.DEBUG)
 
     @property
     def dropped(self) -> int:
@@ -136,6 +154,8 @@ class Scheduler:
             raise RuntimeError("the scheduler is already running")
         try:
             async with asyncio.TaskGroup() as group:
+                group.create_task(self._timeline.run(), name="scheduler timeline")
+                group.create_task(self._enforce_limits(), name="scheduler watchdog")
                 self._group = group
                 for assignment in self._assignments.values():
                     self._start(assignment)
@@ -143,6 +163,8 @@ class Scheduler:
         finally:
             self._group = None
             self._tasks.clear()
+            self._running.clear()
+            self._cut_off.clear()
 
     def _start(self, assignment: Assignment) -> None:
         if self._group is not None:
@@ -158,41 +180,67 @@ class Scheduler:
 
     async def _loop(self, assignment: Assignment) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         interval = assignment.check.interval
         due = loop.time() + self._rng.uniform(0.0, interval)
         while True:
-            await asyncio.sleep(due - loop.time())
-            await self._run_once(assignment)
+            await self._timeline.wait_until(due)
+            await self._run_once(assignment, task, loop)
             due += interval
             late = loop.time() - due
             if late > 0:
                 missed = math.ceil(late / interval)
                 due += missed * interval
-                self._log.debug("run overran its slot", check=assignment.name, skipped=missed)
+                if self._debug:
+                    self._log.debug("run overran its slot", check=assignment.name, skipped=missed)
 
-    async def _run_once(self, assignment: Assignment) -> None:
+    async def _run_once(
+        self, assignment: Assignment, task: asyncio.Task[None], loop: asyncio.AbstractEventLoop
+    ) -> None:
         check = assignment.check
         probe = self._probes[check.type]
         started_at = time.time()
         started = time.monotonic()
-        limit = asyncio.timeout(check.timeout + self._grace)
+        self._running[task] = loop.time() + check.timeout + self._grace
         try:
-            async with limit:
-                outcome = await probe(check)
+            outcome = await probe(check)
+        except asyncio.CancelledError:
+            # Ours only if the watchdog cut the probe off and nobody else cancels the loop.
+            if task not in self._cut_off or task.uncancel() > 0:
+                raise
+            outcome = self._overran(check)
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and limit.expired():
-                outcome = ProbeOutcome.failed(
-                    FailureClass.TIMEOUT,
-                    f"probe did not finish within its timeout of {format_duration(check.timeout)}",
-                )
-                self._log.warning("probe overran its timeout", check=check.name)
+            if isinstance(exc, TimeoutError) and task in self._cut_off:
+                outcome = self._overran(check)  # the probe turned our cancellation into this
             else:
                 outcome = ProbeOutcome.failed(
                     FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
                 )
                 self._log.exception("probe raised", check=check.name)
+        finally:
+            del self._running[task]
+            self._cut_off.discard(task)
         duration = time.monotonic() - started
         self._publish(assignment, started_at, duration, outcome)
+
+    def _overran(self, check: AnyCheck) -> ProbeOutcome:
+        self._log.warning("probe overran its timeout", check=check.name)
+        return ProbeOutcome.failed(
+            FailureClass.TIMEOUT,
+            f"probe did not finish within its timeout of {format_duration(check.timeout)}",
+        )
+
+    async def _enforce_limits(self) -> None:
+        """Cancel every probe still running past its check's timeout + grace."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(LIMIT_CHECK_PERIOD)
+            now = loop.time()
+            for task, limit in self._running.items():
+                if limit <= now and task not in self._cut_off:
+                    self._cut_off.add(task)
+                    task.cancel()
 
     def _publish(
         self, assignment: Assignment, started_at: float, duration: float, outcome: ProbeOutcome
@@ -221,12 +269,70 @@ class Scheduler:
         if self._dropping:
             self._dropping = False
             self._log.info("outbox has room again", dropped_total=self._dropped)
-        self._log.debug(
-            "probe result",
-            check=assignment.name,
-            seq=result.seq,
-            success=outcome.success,
-            failure=outcome.failure,
-            duration=round(duration, 6),
-            message=outcome.message,
-        )
+        if self._debug:
+            self._log.debug(
+                "probe result",
+                check=assignment.name,
+                seq=result.seq,
+                success=outcome.success,
+                failure=outcome.failure,
+                duration=round(duration, 6),
+                message=outcome.message,
+            )
+
+
+class _Timeline:
+    """Wakes any number of waiters at their due times with a single timer.
+
+    ``wait_until(when)`` returns a future that ``run()`` resolves once the loop clock
+    reaches ``when``, give or take a millisecond (libuv's timer resolution). A waiter
+    cancelled meanwhile is skipped. Waiters are kept in one slot per millisecond and only
+    the slots go through a heap, so at thousands of runs a second a wake-up costs one
+    timer and a heap operation per millisecond, not per run.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[int, list[asyncio.Future[None]]] = {}
+        self._keys: list[int] = []  # heap of the slots' milliseconds
+        self._alarm: asyncio.Future[None] | None = None
+        self._alarm_key: float = math.inf
+
+    def wait_until(self, when: float) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        key = math.ceil(when * 1000)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = []
+            heapq.heappush(self._keys, key)
+            alarm = self._alarm
+            if key < self._alarm_key and alarm is not None and not alarm.done():
+                alarm.set_result(None)  # due before the armed timer: re-arm earlier
+        slot.append(waiter)
+        return waiter
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        keys, slots = self._keys, self._slots
+        while True:
+            now = (loop.time() + _TIMER_SLACK) * 1000
+            while keys and keys[0] <= now:
+                for waiter in slots.pop(heapq.heappop(keys)):
+                    if not waiter.done():
+                        waiter.set_result(None)
+            alarm = self._alarm = loop.create_future()
+            handle = None
+            if keys:
+                self._alarm_key = keys[0]
+                handle = loop.call_at(keys[0] / 1000, _ring, alarm)
+            try:
+                await alarm
+            finally:
+                self._alarm = None
+                self._alarm_key = math.inf
+                if handle is not None:
+                    handle.cancel()
+
+
+def _ring(alarm: asyncio.Future[None]) -> None:
+    if not alarm.done():
+        alarm.set_result(None)

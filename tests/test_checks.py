@@ -75,3 +75,14 @@ def test_mistakes_are_one_line(text: str, message: str) -> None:
         parse_checks(text, "f")
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_text_is_taken_as_written() -> None:
+    (check,) = parse_checks(
+        "checks:\n"
+        '  - {name: smtp, type: tcp, target: "h:25", send: "QUIT\\r\\n", expect: "^220 "}\n',
+        "f",
+    )
+    assert isinstance(check, TcpCheck)
+    assert check.send == "QUIT\r\n"
+    assert check.expect == "^220 "

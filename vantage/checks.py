@@ -180,7 +180,9 @@ def _tls_flag(value: Any) -> Any:
 
 
 class _CheckBase(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    # Text is taken as written: `send: "QUIT\r\n"` and `expect: "^220 "` need their
+    # whitespace; names and targets that carry stray spaces fail their own validation.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     target: str

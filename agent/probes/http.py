@@ -1,4 +1,4 @@
-"""The HTTP probe: one request on a fresh connection, timed phase by phase.
+"""The HTTP probe: one request per hop on a fresh connection, timed phase by phase.
 
 Built on asyncio's transports and httptools' parser rather than an HTTP client library,
 so that each phase has its own timestamp and the probe stays cheap enough for thousands
@@ -6,140 +6,245 @@ of probes a second in one process (uvloop makes the same code faster still).
 
 Contract of ``probe_http``:
 
-- One fresh TCP connection per probe, HTTP/1.1 with ``Connection: close``; for https the
-  TLS handshake runs on the connected socket (``loop.start_tls``) so connect and tls are
-  separate phases. TLS verifies against the system CAs with SNI, like a browser.
-- It returns within the check's timeout and leaves no socket or task behind.
-- Phases: resolve (zero for an IP literal), connect, tls (zero for http), processing
-  (request sent to first response byte), transfer (first byte to end of body). They sum to
-  the probe's duration.
-- The body is counted and discarded, so memory per probe is bounded by the 64 KiB cap on
-  response headers. Redirects are reported, not followed (3xx is in the default
-  expected range).
-- Failure classes: the dns_* and connect classes from ``network``; tls_cert_expired /
-  tls_cert_invalid for a certificate that does not verify, tls_handshake for any other TLS
-  failure; http_status for a status outside ``expected_status`` and also for a reply that
-  is not a usable HTTP response (garbage, cut short, oversized headers): the server took
-  the connection but did not answer properly; timeout once connected.
+- HTTP/1.1 with ``Connection: close``, one fresh TCP connection per request. The request
+  carries the check's method, headers and body. The operator's headers replace the
+  defaults (User-Agent, Accept) by name, case-insensitively; Host, Content-Length,
+  Transfer-Encoding and Connection belong to the probe and are not taken from the check.
+  A body is sent as UTF-8 with its Content-Length whatever the method; POST, PUT and
+  PATCH without one send ``Content-Length: 0``.
+- https: the TLS handshake runs on the connected socket (``loop.start_tls``) so connect
+  and tls are separate phases. The context comes from the check's ``tls`` options
+  (``tls.py``: verification, CA bundle, client certificate); SNI and host-name
+  verification use ``tls.server_name`` when set, else the URL's host.
+- Redirects (301, 302, 303, 307 and 308 with a Location) are followed when
+  ``follow_redirects`` is set, at most ``max_redirects`` of them, each hop on a new
+  connection to the Location resolved against the current URL; a redirect response's
+  body is not read. 303 turns any method but HEAD into a GET without body, 301 and 302
+  turn a POST into one; 307 and 308 repeat the request as it was. The Authorization
+  header is dropped once a hop leaves the target's origin, and ``tls.server_name``
+  applies only to hops to the target's own host. Without ``follow_redirects`` a 3xx is
+  the final response (3xx is in the default expected range).
+- It returns within the check's timeout and leaves no socket or task behind, whatever
+  the server does.
+- Phases, summed over all hops: resolve (zero for an IP literal), connect, tls (zero for
+  plain http), processing (request sent to first response byte) and transfer (first
+  byte to end of body). They sum to the probe's duration.
+- The body is counted; only when the check has ``body_match`` or ``body_not_match`` are
+  its first ``MAX_MATCH_BYTES`` kept (decoded as UTF-8) and searched with the patterns.
+  Memory per probe is bounded by that and by the 64 KiB cap on response headers.
+- Details (``HttpDetails``) describe the final response: status, HTTP version, URL,
+  body size, the number of redirects followed, the peer, and for https the TLS session
+  of the last hop. A certificate that expires within ``tls.cert_expiry_warning_days``
+  (on any hop) adds a warning; success is unaffected.
+- Failure classes: the dns_* and connect classes from ``network``; tls_cert_expired,
+  tls_cert_invalid and tls_handshake from ``tls``; http_status for a status outside
+  ``expected_status``, too many redirects or an unusable redirect, and also for a reply
+  that is not a usable HTTP response (garbage, cut short, oversized headers): the server
+  took the connection but did not answer properly; body_mismatch when a body pattern
+  says so; timeout once connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import ssl
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httptools
 
 import vantage
 from vantage.checks import AnyCheck, HttpCheck
-from vantage.results import FailureClass, HttpDetails, ProbeOutcome
+from vantage.results import FailureClass, HttpDetails, ProbeOutcome, TlsDetails
 
+from . import tls
 from .network import (
     PhaseClock,
     ProbeFailure,
     addresses_for,
     connect,
     describe_os_error,
+    enter_host,
+    per_check,
     start_clock,
 )
 
 USER_AGENT = f"vantage-agent/{vantage.__version__}"
 MAX_HEADER_BYTES = 64 * 1024
-# X509_V_ERR_CERT_HAS_EXPIRED in OpenSSL's x509_vfy.h; the ssl module does not export it.
-_X509_V_ERR_CERT_HAS_EXPIRED = 10
+MAX_MATCH_BYTES = 1024 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_PROBE_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_ALPN = ("http/1.1",)
 # RFC 3986 characters that may stand unescaped in a path or query; '%' keeps an already
 # escaped target as it is.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
 
 
-async def probe_http(check: AnyCheck, *, tls: ssl.SSLContext | None = None) -> ProbeOutcome:
-    """Run one HTTP(S) request for ``check`` and report what happened.
+async def probe_http(check: AnyCheck) -> ProbeOutcome:
+    """Run one HTTP(S) request for ``check``, following redirects as it asks, and report
+    what happened.
 
-    ``tls`` replaces the default verifying context (system CAs); tests pass one that
-    trusts their own certificate. Never raises for anything the target or the network
-    does; TypeError for a check of another type.
+    Never raises for anything the target or the network does; TypeError for a check of
+    another type.
     """
     if not isinstance(check, HttpCheck):
         raise TypeError(f"the http probe cannot run a {check.type} check")
-    exchange = f"{check.method} {check.target}"
-    try:
-        request = _Request.build(check)
-    except ProbeFailure as failure:
-        return ProbeOutcome.failed(failure.failure, failure.message)
-    clock = start_clock(request.host)
+    plan = _plan(check)
+    if isinstance(plan, ProbeFailure):
+        return ProbeOutcome.failed(plan.failure, plan.message)
+    request = plan.request
+    clock = start_clock(request.url.host)
     reader: _ResponseReader | None = None
+    peer = ""
+    session: TlsDetails | None = None
+    warnings: tuple[str, ...] = ()
+    redirects = 0
     transports: list[asyncio.Transport] = []
     deadline = asyncio.timeout(check.timeout)
     try:
         async with deadline:
-            addresses = await addresses_for(clock, request.host, request.port, check.ip_version)
-
-            def new_reader() -> _ResponseReader:
-                return _ResponseReader(clock, exchange, head_only=check.method == "HEAD")
-
-            stream, reader, peer = await connect(clock, addresses, request.port, new_reader)
-            transports.append(stream)
-            if request.tls:
-                clock.enter("tls", f"TLS handshake with {peer}")
-                stream = await _handshake(
-                    clock, stream, reader, tls or _default_tls(), request.host, check.timeout
+            while True:
+                url = request.url
+                addresses = await addresses_for(clock, url.host, url.port, check.ip_version)
+                new_reader = functools.partial(
+                    _ResponseReader, clock, request, plan.keep_body, check.follow_redirects
                 )
+                stream, reader, peer = await connect(clock, addresses, url.port, new_reader)
                 transports.append(stream)
-            clock.enter("processing", f"{exchange}: waiting for the response")
-            stream.write(request.head)
-            await reader.done
+                if url.tls:
+                    clock.enter("tls", f"tls {peer}")
+                    context = tls.client_context(check.tls, _ALPN)
+                    server_name = url.host
+                    if check.tls.server_name and url.host == plan.request.url.host:
+                        server_name = check.tls.server_name
+                    stream = await tls.handshake(
+                        clock, stream, reader, context, server_name, check.timeout
+                    )
+                    transports.append(stream)
+                    session, warning = tls.inspect(stream, check.tls)
+                    if warning is not None and warning not in warnings:
+                        warnings = (*warnings, warning)
+                else:
+                    session = None
+                reader.send(stream, request.data)
+                await reader.done
+                # The response is complete or no longer wanted: no graceful TLS shutdown,
+                # which could keep the socket open after the probe has returned.
+                for transport in reversed(transports):
+                    transport.abort()
+                transports.clear()
+                if reader.tls_error is not None:
+                    raise tls.failure(f"tls {peer}", reader.tls_error)
+                if reader.error is not None:
+                    raise ProbeFailure(
+                        FailureClass.HTTP_STATUS, f"{request.exchange}: {reader.error}"
+                    )
+                if reader.location is None:
+                    break
+                if redirects == check.max_redirects:
+                    raise ProbeFailure(
+                        FailureClass.HTTP_STATUS,
+                        f"{request.exchange}: too many redirects (more than {check.max_redirects})",
+                    )
+                request = _redirect(check, request, reader.status, reader.location)
+                redirects += 1
+                reader, peer, session = None, "", None
+                enter_host(clock, request.url.host)
     except ProbeFailure as failure:
-        details = reader.details(check.target) if reader else None
-        return ProbeOutcome.failed(failure.failure, failure.message, clock.phases(), details)
+        details = _details(reader, request, redirects, peer, session)
+        return ProbeOutcome.failed(
+            failure.failure, failure.message, clock.phases(), details, warnings
+        )
     except TimeoutError:
         if not deadline.expired():
             raise
         expired = clock.timed_out(check.timeout)
-        details = reader.details(check.target) if reader else None
-        return ProbeOutcome.failed(expired.failure, expired.message, clock.phases(), details)
+        details = _details(reader, request, redirects, peer, session)
+        return ProbeOutcome.failed(
+            expired.failure, expired.message, clock.phases(), details, warnings
+        )
     finally:
-        # The response is complete or no longer wanted: no graceful TLS shutdown, which
-        # could keep the socket open after the probe has returned.
         for transport in reversed(transports):
             transport.abort()
-    phases = clock.phases()
-    details = reader.details(check.target)
-    if reader.error is not None:
-        return ProbeOutcome.failed(
-            FailureClass.HTTP_STATUS, f"{exchange}: {reader.error}", phases, details
-        )
-    if not any(low <= reader.status <= high for low, high in check.expected_status):
-        expected = ", ".join(
-            str(low) if low == high else f"{low}-{high}" for low, high in check.expected_status
-        )
-        return ProbeOutcome.failed(
+    verdict: tuple[FailureClass, str] | None = None
+    status = reader.status
+    if not any(low <= status <= high for low, high in check.expected_status):
+        verdict = (
             FailureClass.HTTP_STATUS,
-            f"{exchange}: status {reader.status} not in {expected}",
-            phases,
-            details,
+            f"{request.exchange}: status {status} not in {plan.expected_status}",
         )
-    return ProbeOutcome(success=True, phases=phases, details=details)
+    elif plan.keep_body:
+        # Matching up to 1 MiB takes time too: the clock, still in transfer, counts it.
+        body = reader.body_text()
+        if plan.body_match is not None and not plan.body_match.search(body):
+            mismatch = f"body does not match {plan.body_match.pattern!r}"
+            verdict = (FailureClass.BODY_MISMATCH, f"{request.exchange}: {mismatch}")
+        elif plan.body_not_match is not None and plan.body_not_match.search(body):
+            mismatch = f"body matches {plan.body_not_match.pattern!r} (body_not_match)"
+            verdict = (FailureClass.BODY_MISMATCH, f"{request.exchange}: {mismatch}")
+    phases = clock.phases()
+    details = HttpDetails(
+        status_code=status,
+        http_version=reader.http_version,
+        final_url=request.url.text,
+        body_bytes=reader.body_bytes,
+        redirects=redirects,
+        peer=peer,
+        tls=session,
+    )
+    if verdict is not None:
+        return ProbeOutcome.failed(verdict[0], verdict[1], phases, details, warnings)
+    return ProbeOutcome(success=True, phases=phases, details=details, warnings=warnings)
+
+
+def _details(
+    reader: _ResponseReader | None,
+    request: _Request,
+    redirects: int,
+    peer: str,
+    session: TlsDetails | None,
+) -> HttpDetails | None:
+    """Details for a failed probe; None when it learned nothing about the target."""
+    status = reader.status if reader is not None else 0
+    if not status and not redirects and session is None:
+        return None
+    return HttpDetails(
+        status_code=status,
+        http_version=reader.http_version if reader is not None else "",
+        final_url=request.url.text,
+        body_bytes=reader.body_bytes if reader is not None else 0,
+        redirects=redirects,
+        peer=peer,
+        tls=session,
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class _Request:
+class _Url:
+    """An http(s) URL taken apart for one request."""
+
+    text: str
     tls: bool
     host: str  # what to resolve, verify and send as SNI: ASCII, no brackets
     port: int
-    head: bytes
+    authority: str  # the Host header
+    target: str  # the request-target: escaped path and query
 
     @classmethod
-    def build(cls, check: HttpCheck) -> _Request:
-        parts = urlsplit(check.target)
-        tls = parts.scheme == "https"
-        default_port = 443 if tls else 80
-        port = parts.port or default_port
-        hostname = parts.hostname or ""
+    def parse(cls, text: str) -> _Url:
+        """ValueError (saying why) for a URL the probe cannot request; ProbeFailure
+        (dns_nxdomain) for a host name that IDNA cannot encode."""
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http:// or https:// URL")
+        tls_ = parts.scheme == "https"
+        default_port = 443 if tls_ else 80
+        port = parts.port or default_port  # ValueError for a bad port
+        hostname = parts.hostname
         try:
             host = hostname if hostname.isascii() else hostname.encode("idna").decode("ascii")
         except UnicodeError:
@@ -152,95 +257,144 @@ class _Request:
         target = quote(parts.path or "/", safe=_PATH_SAFE)
         if parts.query:
             target = f"{target}?{quote(parts.query, safe=_QUERY_SAFE)}"
-        lines = [
-            f"{check.method} {target} HTTP/1.1",
-            f"Host: {authority}",
-            f"User-Agent: {USER_AGENT}",
-            "Accept: */*",
-            "Connection: close",
-        ]
-        if check.method in _BODY_METHODS:
+        return cls(text, tls_, host, port, authority, target)
+
+    @property
+    def origin(self) -> tuple[bool, str, int]:
+        return (self.tls, self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One hop's request, ready to write."""
+
+    url: _Url
+    method: str
+    body: bytes | None
+    authorization: bool  # whether the check's Authorization header goes with it
+    exchange: str  # "GET https://example.org/", the prefix of messages
+    data: bytes  # head and body
+
+    @classmethod
+    def build(
+        cls, check: HttpCheck, url: _Url, method: str, body: bytes | None, authorization: bool
+    ) -> _Request:
+        headers = {"user-agent": f"User-Agent: {USER_AGENT}", "accept": "Accept: */*"}
+        for name, value in check.headers.items():
+            key = name.lower()
+            if key in _PROBE_HEADERS or (key == "authorization" and not authorization):
+                continue
+            headers[key] = f"{name}: {value}"
+        lines = [f"{method} {url.target} HTTP/1.1", f"Host: {url.authority}", *headers.values()]
+        lines.append("Connection: close")
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        elif method in _BODY_METHODS:
             lines.append("Content-Length: 0")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-        return cls(tls=tls, host=host, port=port, head=head)
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        if body:
+            data += body
+        return cls(url, method, body, authorization, f"{method} {url.text}", data)
 
 
-async def _handshake(
-    clock: PhaseClock,
-    transport: asyncio.Transport,
-    protocol: asyncio.Protocol,
-    context: ssl.SSLContext,
-    host: str,
-    limit: float,
-) -> asyncio.Transport:
-    loop = asyncio.get_running_loop()
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What every run of one check needs, derived once per check object."""
+
+    request: _Request
+    body_match: re.Pattern[str] | None
+    body_not_match: re.Pattern[str] | None
+    expected_status: str  # "200-399", for messages
+
+    @property
+    def keep_body(self) -> bool:
+        return self.body_match is not None or self.body_not_match is not None
+
+
+@per_check
+def _plan(check: HttpCheck) -> _Plan | ProbeFailure:
     try:
-        upgraded = await loop.start_tls(
-            transport, protocol, context, server_hostname=host, ssl_handshake_timeout=limit
-        )
-    except ssl.SSLCertVerificationError as exc:
-        failure = (
-            FailureClass.TLS_CERT_EXPIRED
-            if exc.verify_code == _X509_V_ERR_CERT_HAS_EXPIRED
-            else FailureClass.TLS_CERT_INVALID
-        )
-        raise ProbeFailure(failure, f"{clock.step}: {exc.verify_message}") from None
-    except ssl.SSLError as exc:
-        reason = (exc.reason or type(exc).__name__).lower().replace("_", " ")
-        raise ProbeFailure(FailureClass.TLS_HANDSHAKE, f"{clock.step}: {reason}") from None
-    except TimeoutError:
-        # start_tls's own handshake timer, which can fire a hair before the deadline.
-        raise clock.timed_out(limit) from None
-    except OSError as exc:
+        url = _Url.parse(check.target)
+    except ProbeFailure as failure:
+        return failure
+    except ValueError as exc:  # the check's validation makes this unreachable
+        return ProbeFailure(FailureClass.INTERNAL, f"target {check.target!r}: {exc}")
+    body = check.body.encode() if check.body is not None else None
+    request = _Request.build(check, url, check.method, body, authorization=True)
+    expected = ", ".join(
+        str(low) if low == high else f"{low}-{high}" for low, high in check.expected_status
+    )
+    return _Plan(
+        request=request,
+        body_match=re.compile(check.body_match) if check.body_match is not None else None,
+        body_not_match=(
+            re.compile(check.body_not_match) if check.body_not_match is not None else None
+        ),
+        expected_status=expected,
+    )
+
+
+def _redirect(check: HttpCheck, request: _Request, status: int, location: str) -> _Request:
+    """The request that follows ``request``'s redirect to ``location``."""
+    text = urljoin(request.url.text, location)
+    try:
+        url = _Url.parse(text)
+    except ValueError as exc:
         raise ProbeFailure(
-            FailureClass.TLS_HANDSHAKE, f"{clock.step}: {describe_os_error(exc)}"
+            FailureClass.HTTP_STATUS, f"{request.exchange}: redirect to {location!r}: {exc}"
         ) from None
-    if upgraded is None:  # only for a transport closed under our feet
-        raise ProbeFailure(FailureClass.TLS_HANDSHAKE, f"{clock.step}: connection closed")
-    return upgraded
-
-
-@functools.cache
-def _default_tls() -> ssl.SSLContext:
-    # Loading the system CA bundle takes milliseconds: do it once per process.
-    context = ssl.create_default_context()
-    context.set_alpn_protocols(["http/1.1"])
-    return context
+    method, body = request.method, request.body
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, body = "GET", None
+    authorization = request.authorization and url.origin == request.url.origin
+    return _Request.build(check, url, method, body, authorization)
 
 
 class _ResponseReader(asyncio.Protocol):
     """Reads one HTTP/1.x response, keeping counts rather than bytes.
 
     ``done`` resolves (always with None) once the response is complete or cannot
-    complete; ``error`` then says why not. On the first response byte it moves the clock
-    into the transfer phase.
+    complete; ``error`` (or, for a TLS alert after the handshake, ``tls_error``) then
+    says why not. ``location`` is set when the response is a redirect to follow: the
+    reader stops at its headers. Once the request is sent (``send``) the first response
+    byte moves the clock into the transfer phase.
     """
 
-    def __init__(self, clock: PhaseClock, exchange: str, *, head_only: bool) -> None:
+    def __init__(
+        self, clock: PhaseClock, request: _Request, keep_body: bool, follow_redirects: bool
+    ) -> None:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.error: str | None = None
+        self.tls_error: ssl.SSLError | None = None
         self.status = 0
         self.http_version = ""
         self.body_bytes = 0
+        self.location: str | None = None
         self._clock = clock
-        self._exchange = exchange
-        self._head_only = head_only
+        self._exchange = request.exchange
+        self._head_only = request.method == "HEAD"
+        self._follow = follow_redirects
+        self._kept: list[bytes] | None = [] if keep_body else None
+        self._kept_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
+        self._sent = False
         self._received_any = False
         self._header_bytes = 0
         self._headers_complete = False
         self._interim = False
         self._framed = False  # Content-Length or chunked: the body's end is known
+        self._location: bytes | None = None
 
-    def details(self, url: str) -> HttpDetails | None:
-        if not self.status:
-            return None
-        return HttpDetails(
-            status_code=self.status,
-            http_version=self.http_version,
-            final_url=url,
-            body_bytes=self.body_bytes,
-        )
+    def send(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Write the request and start the processing phase."""
+        if not self._received_any:  # a server that speaks first is already in transfer
+            self._clock.enter("processing", f"{self._exchange}: waiting for the response")
+        self._sent = True
+        transport.write(data)
+
+    def body_text(self) -> str:
+        """The kept part of the body (see MAX_MATCH_BYTES), decoded as UTF-8."""
+        return b"".join(self._kept or ()).decode("utf-8", "replace")
 
     # asyncio.Protocol
 
@@ -249,7 +403,8 @@ class _ResponseReader(asyncio.Protocol):
             return
         if not self._received_any:
             self._received_any = True
-            self._clock.enter("transfer", f"{self._exchange}: reading the response")
+            if self._sent:
+                self._clock.enter("transfer", f"{self._exchange}: reading the response")
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -267,7 +422,12 @@ class _ResponseReader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done.done():
             return
-        if isinstance(exc, OSError):
+        if tls.is_tls_close(exc):
+            exc = None
+        if isinstance(exc, ssl.SSLError):
+            self.tls_error = exc
+            self._finish("TLS error")
+        elif isinstance(exc, OSError):
             self._finish(f"connection lost: {describe_os_error(exc)}")
         elif exc is not None:
             self._finish(f"connection lost: {exc}")
@@ -285,10 +445,14 @@ class _ResponseReader(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers_complete = False
         self._framed = False
+        self._location = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in (b"content-length", b"transfer-encoding"):
+        key = name.lower()
+        if key in (b"content-length", b"transfer-encoding"):
             self._framed = True
+        elif key == b"location":
+            self._location = value
 
     def on_headers_complete(self) -> None:
         self._headers_complete = True
@@ -296,6 +460,9 @@ class _ResponseReader(asyncio.Protocol):
         self.http_version = self._parser.get_http_version()
         if 100 <= self.status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: the answer follows
+        elif self._follow and self.status in _REDIRECTS and self._location:
+            self.location = self._location.decode("utf-8", "replace").strip()
+            self._finish(None)  # the next hop is all that matters now
         elif self._head_only:
             # httptools cannot be told that a HEAD response has no body although it
             # may announce a Content-Length: the headers are the whole answer.
@@ -303,6 +470,10 @@ class _ResponseReader(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
+        if self._kept is not None and self._kept_bytes < MAX_MATCH_BYTES:
+            part = bytes(body[: MAX_MATCH_BYTES - self._kept_bytes])
+            self._kept.append(part)
+            self._kept_bytes += len(part)
 
     def on_message_complete(self) -> None:
         if self._interim:

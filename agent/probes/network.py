@@ -7,21 +7,28 @@ Probes use these pieces inside their own deadline:
   deadline expires the probe can still say *where* (``dns_timeout`` while resolving,
   ``connect_timeout`` while connecting, ``timeout`` afterwards) and report phases that sum
   to the time spent.
+- ``start_clock`` starts that clock for a host, ``enter_host`` moves a running one on to
+  the next host (an HTTP redirect), so phases keep summing over every hop.
 - ``resolve`` and ``connect`` raise ``ProbeFailure`` (a failure class plus a one-line
   message naming the step) for anything the closed set describes; the probe turns it into
   a ``ProbeOutcome``. Only programming errors escape as other exceptions.
+- ``per_check`` caches what a probe derives from a check (request bytes, compiled
+  patterns) for as long as that check object lives, keeping the hot path free of work
+  that only changes with the check's revision.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from vantage.checks import IpVersion
 from vantage.durations import format_duration
@@ -29,6 +36,8 @@ from vantage.results import FailureClass, Phases
 
 Phase = Literal["resolve", "connect", "tls", "processing", "transfer"]
 _ProtocolT = TypeVar("_ProtocolT", bound=asyncio.BaseProtocol)
+_CheckT = TypeVar("_CheckT")
+_DerivedT = TypeVar("_DerivedT")
 
 # Classes for a deadline that expires while a phase is running. Only resolving and
 # connecting have classes of their own; afterwards the peer is reachable but too slow.
@@ -102,8 +111,10 @@ class PhaseClock:
         )
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_literal(host: str) -> tuple[socket.AddressFamily, str] | None:
-    """(family, address) when ``host`` is an IP address, else None."""
+    """(family, address) when ``host`` is an IP address, else None (cached: probes ask
+    this about the same few hosts again and again)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -147,6 +158,15 @@ def start_clock(host: str) -> PhaseClock:
     if ip_literal(host):
         return PhaseClock("connect", f"connect {host}")
     return PhaseClock("resolve", f"resolve {host}")
+
+
+def enter_host(clock: PhaseClock, host: str) -> None:
+    """Move a running clock on to ``host`` (another hop of the same probe): ``resolve``,
+    or ``connect`` for an IP literal, as ``start_clock`` begins."""
+    if ip_literal(host):
+        clock.enter("connect", f"connect {host}")
+    else:
+        clock.enter("resolve", f"resolve {host}")
 
 
 async def addresses_for(
@@ -236,10 +256,46 @@ def describe_os_error(exc: OSError) -> str:
         # asyncio rewrites strerror ("Connect call failed ('192.0.2.1', 80)"), not errno.
         text = os.strerror(exc.errno)
     else:
-        text = exc.strerror or str(exc) or type(exc).__name__
+        text = exc.strerror or str(exc) or _WITHOUT_ERRNO.get(type(exc), type(exc).__name__)
     return text[:1].lower() + text[1:]
+
+
+# Event loops raise some errors without errno or text (a reset seen by the TLS layer).
+_WITHOUT_ERRNO: dict[type[OSError], str] = {
+    ConnectionResetError: os.strerror(errno.ECONNRESET),
+    ConnectionAbortedError: os.strerror(errno.ECONNABORTED),
+    BrokenPipeError: os.strerror(errno.EPIPE),
+}
 
 
 def format_peer(address: str, port: int) -> str:
     """'192.0.2.1:443' or '[2001:db8::1]:443'."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def per_check(derive: Callable[[_CheckT], _DerivedT]) -> Callable[[_CheckT], _DerivedT]:
+    """Cache ``derive(check)`` for as long as that check object lives.
+
+    Checks are frozen but not hashable (their labels and headers are dicts), so
+    ``functools`` caches cannot key on them. The scheduler keeps one object per check
+    revision and a new revision is a new object, so identity is the right key: a hit
+    costs a dict lookup, and an entry goes when its check is garbage.
+    """
+    cache: dict[int, tuple[weakref.ref[Any], _DerivedT]] = {}
+
+    def cached(check: _CheckT) -> _DerivedT:
+        key = id(check)
+        entry = cache.get(key)
+        if entry is not None and entry[0]() is check:
+            return entry[1]
+        value = derive(check)
+
+        def forget(ref: weakref.ref[Any]) -> None:
+            current = cache.get(key)
+            if current is not None and current[0] is ref:
+                del cache[key]
+
+        cache[key] = (weakref.ref(check, forget), value)
+        return value
+
+    return functools.update_wrapper(cached, derive)

@@ -48,7 +48,7 @@ async def test_runs_assigned_checks_and_delivers_results(
             await task
 
     [hello] = fake.hellos
-    assert list(hello.capabilities) == ["http", "tcp"]
+    assert list(hello.capabilities) == ["dns", "http", "icmp", "tcp"]
     first = fake.results[0]
     assert (first.check, first.seq, first.success) == ("up", 1, True)
     assert first.check_revision == up.revision

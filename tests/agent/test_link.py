@@ -98,7 +98,7 @@ async def test_hello_assignments_and_results_arrive(coordinator: Any, until: Any
 
     [hello] = fake.hellos
     assert (hello.name, hello.region, hello.version) == ("eu-1", "eu", vantage.__version__)
-    assert list(hello.capabilities) == ["http", "tcp"]
+    assert list(hello.capabilities) == ["dns", "http", "icmp", "tcp"]
     assert hello.instance_id == link.instance_id
     assert len(hello.instance_id) == 32
     [(full, checks, removed)] = applied.calls
