@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto proto-check lock system-deps clean help
+.PHONY: run test lint proto proto-check lock system-deps bench bench-deps clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -31,6 +31,21 @@ system-deps:  ## install the Debian packages the tests need
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# Debian packages the benchmark drives: nginx (target), blackbox_exporter (reference), wrk.
+BENCH_TOOLS := nginx:nginx prometheus-blackbox-exporter:prometheus-blackbox-exporter wrk:wrk
+bench-deps:  ## install the Debian packages the benchmark needs
+	@missing=$$(for pair in $(BENCH_TOOLS); do tool=$${pair%%:*}; \
+	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || echo $${pair#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+BENCH_ARGS ?=
+bench: $(VENV)/.installed bench-deps  ## HTTP probes/s: one agent + coordinator vs blackbox_exporter
+	$(PY) tests/bench/bench_http.py $(BENCH_ARGS)
 
 run: $(VENV)/.installed  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh
