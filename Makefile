@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-# Debian packages the tests use: promtool (prometheus), openssl (test certificates).
-SYSTEM_TOOLS := promtool:prometheus openssl:openssl
+# Debian packages the tests use: promtool (prometheus).
+SYSTEM_TOOLS := promtool:prometheus
 system-deps:  ## install the Debian packages the tests need
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
 	if [ -n "$$missing" ]; then \

@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from vantage.checks import AnyCheck
 from vantage.results import ProbeOutcome
 
+from .dns import probe_dns
 from .http import probe_http
+from .icmp import probe_icmp
 from .tcp import probe_tcp
 
 ProbeFn = Callable[[AnyCheck], Awaitable[ProbeOutcome]]
@@ -21,6 +23,8 @@ ProbeFn = Callable[[AnyCheck], Awaitable[ProbeOutcome]]
 PROBES: dict[str, ProbeFn] = {
     "http": probe_http,
     "tcp": probe_tcp,
+    "dns": probe_dns,
+    "icmp": probe_icmp,
 }
 
-__all__ = ["PROBES", "ProbeFn", "probe_http", "probe_tcp"]
+__all__ = ["PROBES", "ProbeFn", "probe_dns", "probe_http", "probe_icmp", "probe_tcp"]
