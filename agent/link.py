@@ -43,7 +43,7 @@ import vantage
 from vantage.durations import format_duration
 from vantage.logs import get_logger
 from vantage.results import ProbeResult
-from vantage.wire import WireError, check_from_pb, result_to_pb
+from vantage.wire import WireError, check_from_pb, results_to_pb
 from vantage_proto.v1 import agent_pb2
 from vantage_proto.v1.agent_pb2_grpc import AgentServiceStub
 
@@ -285,9 +285,8 @@ class CoordinatorLink:
             while self._buffer.unsent:
                 self._await_reply()
                 batch = self._buffer.take_unsent(self._batch_size)
-                message = agent_pb2.AgentMessage(
-                    results=agent_pb2.ResultBatch(results=[result_to_pb(r) for r in batch])
-                )
+                message = agent_pb2.AgentMessage()
+                results_to_pb(batch, message.results)
                 await self._write(call, message)
                 self._last_sent = loop.time()
 

@@ -17,6 +17,11 @@ scheduler's own task group:
   timer), and the outer limit is enforced by a watchdog that looks at the probes in
   flight every ``LIMIT_CHECK_PERIOD`` (so a probe is cut off at most that much after
   timeout + grace).
+- Admission control: at most ``max_in_flight`` probes run at once. A run due while that
+  many are in flight is skipped (no result: the check simply was not probed) and counted
+  (``skipped``), with a warning at most every ``SKIP_LOG_PERIOD``. Past the machine's
+  capacity this keeps the probes that do run honest instead of letting every one of them
+  time out in a saturated event loop.
 - Results get the next sequence number of this scheduler (1, 2, 3, ...) when they enter
   the outbox, so the outbox, the link's buffer and the stream all carry them in sequence
   order: the coordinator's "everything at or below N" acknowledgements rely on that. When
@@ -43,6 +48,8 @@ from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 from .probes import PROBES, ProbeFn
 
 DEFAULT_GRACE = 1.0
+DEFAULT_MAX_IN_FLIGHT = 2_000
+SKIP_LOG_PERIOD = 10.0
 # How often the watchdog looks for probes past their hard limit (timeout + grace).
 LIMIT_CHECK_PERIOD = 0.1
 # libuv's timers have millisecond resolution: a wake-up may come up to this early.
@@ -73,7 +80,8 @@ class Scheduler:
     """Runs the current assignment set, one fixed-rate loop per check.
 
     ``apply`` may be called before or while ``run`` runs; loops start when both have
-    happened. ``dropped`` counts results lost to a full outbox.
+    happened. ``dropped`` counts results lost to a full outbox, ``skipped`` the runs not
+    started because ``max_in_flight`` probes were running.
     """
 
     def __init__(
@@ -84,11 +92,18 @@ class Scheduler:
         region: str,
         probes: Mapping[str, ProbeFn] = PROBES,
         grace: float = DEFAULT_GRACE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         rng: random.Random | None = None,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
         self._outbox = outbox
         self._probes = probes
         self._grace = grace
+        self._max_in_flight = max_in_flight
+        self._skipped = 0
+        self._skipped_logged = 0
+        self._skip_logged_at = -math.inf
         self._rng = rng or random.Random()
         self._log = get_logger("agent.scheduler").bind(agent=agent, region=region)
         self._assignments: dict[str, Assignment] = {}
@@ -109,6 +124,11 @@ class Scheduler:
     def dropped(self) -> int:
         """Results dropped because the outbox was full, since the scheduler was built."""
         return self._dropped
+
+    @property
+    def skipped(self) -> int:
+        """Runs skipped because ``max_in_flight`` probes were running."""
+        return self._skipped
 
     @property
     def assignments(self) -> Mapping[str, Assignment]:
@@ -198,6 +218,9 @@ class Scheduler:
     async def _run_once(
         self, assignment: Assignment, task: asyncio.Task[None], loop: asyncio.AbstractEventLoop
     ) -> None:
+        if len(self._running) >= self._max_in_flight:
+            self._skip(assignment, loop)
+            return
         check = assignment.check
         probe = self._probes[check.type]
         started_at = time.time()
@@ -223,6 +246,20 @@ class Scheduler:
             self._cut_off.discard(task)
         duration = time.monotonic() - started
         self._publish(assignment, started_at, duration, outcome)
+
+    def _skip(self, assignment: Assignment, loop: asyncio.AbstractEventLoop) -> None:
+        self._skipped += 1
+        now = loop.time()
+        if now - self._skip_logged_at >= SKIP_LOG_PERIOD:
+            self._log.warning(
+                "too many probes in flight: skipping runs",
+                check=assignment.name,
+                max_in_flight=self._max_in_flight,
+                skipped=self._skipped - self._skipped_logged,
+                skipped_total=self._skipped,
+            )
+            self._skip_logged_at = now
+            self._skipped_logged = self._skipped
 
     def _overran(self, check: AnyCheck) -> ProbeOutcome:
         self._log.warning("probe overran its timeout", check=check.name)

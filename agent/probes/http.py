@@ -47,16 +47,20 @@ Contract of ``probe_http``:
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import os
 import re
+import socket
 import ssl
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import httptools
 
 import vantage
-from vantage.checks import AnyCheck, HttpCheck
+from vantage.checks import AnyCheck, HttpCheck, IpVersion
 from vantage.results import FailureClass, HttpDetails, ProbeOutcome, TlsDetails
 
 from . import tls
@@ -64,9 +68,13 @@ from .network import (
     PhaseClock,
     ProbeFailure,
     addresses_for,
+    by_ip_version,
+    classify_connect_error,
     connect,
     describe_os_error,
     enter_host,
+    format_peer,
+    ip_literal,
     per_check,
     start_clock,
 )
@@ -78,6 +86,7 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PROBE_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _ALPN = ("http/1.1",)
+_RECV_SIZE = 256 * 1024
 # RFC 3986 characters that may stand unescaped in a path or query; '%' keeps an already
 # escaped target as it is.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
@@ -96,15 +105,67 @@ async def probe_http(check: AnyCheck) -> ProbeOutcome:
     plan = _plan(check)
     if isinstance(plan, ProbeFailure):
         return ProbeOutcome.failed(plan.failure, plan.message)
+    if plan.direct is not None:
+        return await _probe_direct(check, plan, plan.direct)
+    return await _probe_hops(
+        check, plan, start_clock(plan.request.url.host), plan.request, 0, check.timeout
+    )
+
+
+async def _probe_direct(check: HttpCheck, plan: _Plan, direct: _Direct) -> ProbeOutcome:
+    """The common case, plain http to an IP address, without asyncio's transports and
+    timeouts: one socket driven by loop callbacks, one timer for the deadline. A redirect
+    to follow goes on through ``_probe_hops`` within what is left of the timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + check.timeout
     request = plan.request
-    clock = start_clock(request.url.host)
+    clock = PhaseClock("connect", direct.step)
+    reader = _ResponseReader(clock, request, plan.keep_body, check.follow_redirects)
+    connection = _PlainConnection(loop, reader)
+    timer = loop.call_at(deadline, connection.expire)
+    try:
+        connection.open(direct.family, direct.address, request.data)
+        await reader.done
+    finally:
+        timer.cancel()
+        connection.close()
+    peer = direct.peer if connection.connected else ""
+    try:
+        if connection.expired:
+            raise clock.timed_out(check.timeout)
+        if connection.connect_error is not None:
+            error = connection.connect_error
+            raise ProbeFailure(
+                classify_connect_error(error), f"{direct.step}: {describe_os_error(error)}"
+            )
+        if reader.error is not None:
+            raise ProbeFailure(FailureClass.HTTP_STATUS, f"{request.exchange}: {reader.error}")
+        if reader.location is not None:
+            request = _next_hop(check, request, reader)
+            enter_host(clock, request.url.host)
+            return await _probe_hops(check, plan, clock, request, 1, deadline - loop.time())
+    except ProbeFailure as failure:
+        details = _details(reader, request, 0, peer, None)
+        return ProbeOutcome.failed(failure.failure, failure.message, clock.phases(), details)
+    return _judge(check, plan, clock, request, reader, 0, peer, None, ())
+
+
+async def _probe_hops(
+    check: HttpCheck,
+    plan: _Plan,
+    clock: PhaseClock,
+    request: _Request,
+    redirects: int,
+    budget: float,
+) -> ProbeOutcome:
+    """The general case: every hop on asyncio transports (TLS, names to resolve), from
+    ``request`` on, ``redirects`` already followed, within ``budget`` seconds."""
     reader: _ResponseReader | None = None
     peer = ""
     session: TlsDetails | None = None
     warnings: tuple[str, ...] = ()
-    redirects = 0
     transports: list[asyncio.Transport] = []
-    deadline = asyncio.timeout(check.timeout)
+    deadline = asyncio.timeout(budget)
     try:
         async with deadline:
             while True:
@@ -145,12 +206,7 @@ async def probe_http(check: AnyCheck) -> ProbeOutcome:
                     )
                 if reader.location is None:
                     break
-                if redirects == check.max_redirects:
-                    raise ProbeFailure(
-                        FailureClass.HTTP_STATUS,
-                        f"{request.exchange}: too many redirects (more than {check.max_redirects})",
-                    )
-                request = _redirect(check, request, reader.status, reader.location)
+                request = _next_hop(check, request, reader, redirects)
                 redirects += 1
                 reader, peer, session = None, "", None
                 enter_host(clock, request.url.host)
@@ -170,9 +226,37 @@ async def probe_http(check: AnyCheck) -> ProbeOutcome:
     finally:
         for transport in reversed(transports):
             transport.abort()
+    return _judge(check, plan, clock, request, reader, redirects, peer, session, warnings)
+
+
+def _next_hop(
+    check: HttpCheck, request: _Request, reader: _ResponseReader, redirects: int = 0
+) -> _Request:
+    """The request after ``reader``'s redirect; ProbeFailure when there is none to make."""
+    assert reader.location is not None
+    if redirects == check.max_redirects:
+        raise ProbeFailure(
+            FailureClass.HTTP_STATUS,
+            f"{request.exchange}: too many redirects (more than {check.max_redirects})",
+        )
+    return _redirect(check, request, reader.status, reader.location)
+
+
+def _judge(
+    check: HttpCheck,
+    plan: _Plan,
+    clock: PhaseClock,
+    request: _Request,
+    reader: _ResponseReader,
+    redirects: int,
+    peer: str,
+    session: TlsDetails | None,
+    warnings: tuple[str, ...],
+) -> ProbeOutcome:
+    """The outcome of a final response that arrived whole: status and body verdicts."""
     verdict: tuple[FailureClass, str] | None = None
     status = reader.status
-    if not any(low <= status <= high for low, high in check.expected_status):
+    if status not in plan.expected_codes:
         verdict = (
             FailureClass.HTTP_STATUS,
             f"{request.exchange}: status {status} not in {plan.expected_status}",
@@ -188,17 +272,11 @@ async def probe_http(check: AnyCheck) -> ProbeOutcome:
             verdict = (FailureClass.BODY_MISMATCH, f"{request.exchange}: {mismatch}")
     phases = clock.phases()
     details = HttpDetails(
-        status_code=status,
-        http_version=reader.http_version,
-        final_url=request.url.text,
-        body_bytes=reader.body_bytes,
-        redirects=redirects,
-        peer=peer,
-        tls=session,
+        status, reader.http_version, request.url.text, reader.body_bytes, redirects, peer, session
     )
     if verdict is not None:
         return ProbeOutcome.failed(verdict[0], verdict[1], phases, details, warnings)
-    return ProbeOutcome(success=True, phases=phases, details=details, warnings=warnings)
+    return ProbeOutcome(True, None, "", phases, details, warnings)
 
 
 def _details(
@@ -274,6 +352,8 @@ class _Request:
     authorization: bool  # whether the check's Authorization header goes with it
     exchange: str  # "GET https://example.org/", the prefix of messages
     data: bytes  # head and body
+    waiting: str  # the steps of the processing and transfer phases
+    reading: str
 
     @classmethod
     def build(
@@ -294,7 +374,17 @@ class _Request:
         data = ("\r\n".join(lines) + "\r\n\r\n").encode()
         if body:
             data += body
-        return cls(url, method, body, authorization, f"{method} {url.text}", data)
+        exchange = f"{method} {url.text}"
+        return cls(
+            url,
+            method,
+            body,
+            authorization,
+            exchange,
+            data,
+            f"{exchange}: waiting for the response",
+            f"{exchange}: reading the response",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,10 +395,31 @@ class _Plan:
     body_match: re.Pattern[str] | None
     body_not_match: re.Pattern[str] | None
     expected_status: str  # "200-399", for messages
+    expected_codes: frozenset[int]  # the same, spelled out
+    direct: _Direct | None  # plain http to an IP address: the fast path
 
     @property
     def keep_body(self) -> bool:
         return self.body_match is not None or self.body_not_match is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Direct:
+    """Where a plain-http check to an IP address connects, worked out once."""
+
+    family: socket.AddressFamily
+    address: tuple[str, int]
+    peer: str  # "192.0.2.1:80"
+    step: str  # "connect 192.0.2.1:80"
+
+    @classmethod
+    def of(cls, url: _Url, ip_version: IpVersion) -> _Direct | None:
+        literal = ip_literal(url.host)
+        if url.tls or literal is None or not by_ip_version([literal], ip_version):
+            return None
+        family, address = literal
+        peer = format_peer(address, url.port)
+        return cls(family, (address, url.port), peer, f"connect {peer}")
 
 
 @per_check
@@ -331,6 +442,10 @@ def _plan(check: HttpCheck) -> _Plan | ProbeFailure:
             re.compile(check.body_not_match) if check.body_not_match is not None else None
         ),
         expected_status=expected,
+        expected_codes=frozenset(
+            code for low, high in check.expected_status for code in range(low, high + 1)
+        ),
+        direct=_Direct.of(url, check.ip_version),
     )
 
 
@@ -371,7 +486,7 @@ class _ResponseReader(asyncio.Protocol):
         self.body_bytes = 0
         self.location: str | None = None
         self._clock = clock
-        self._exchange = request.exchange
+        self._request = request
         self._head_only = request.method == "HEAD"
         self._follow = follow_redirects
         self._kept: list[bytes] | None = [] if keep_body else None
@@ -385,10 +500,10 @@ class _ResponseReader(asyncio.Protocol):
         self._framed = False  # Content-Length or chunked: the body's end is known
         self._location: bytes | None = None
 
-    def send(self, transport: asyncio.Transport, data: bytes) -> None:
+    def send(self, transport: _Writer, data: bytes) -> None:
         """Write the request and start the processing phase."""
         if not self._received_any:  # a server that speaks first is already in transfer
-            self._clock.enter("processing", f"{self._exchange}: waiting for the response")
+            self._clock.enter("processing", self._request.waiting)
         self._sent = True
         transport.write(data)
 
@@ -404,7 +519,7 @@ class _ResponseReader(asyncio.Protocol):
         if not self._received_any:
             self._received_any = True
             if self._sent:
-                self._clock.enter("transfer", f"{self._exchange}: reading the response")
+                self._clock.enter("transfer", self._request.reading)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -482,7 +597,163 @@ class _ResponseReader(asyncio.Protocol):
             return
         self._finish(None)
 
+    def abandon(self) -> None:
+        """Resolve ``done`` without a verdict on the response: the caller knows why."""
+        self._finish(None)
+
     def _finish(self, error: str | None) -> None:
         if not self.done.done():
             self.error = error
             self.done.set_result(None)
+
+
+class _Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class _PlainConnection:
+    """One plain TCP connection driven by event-loop callbacks for ``_probe_direct``:
+    connect, write the request once connected (``reader.send``, which starts the
+    processing phase), feed what arrives to the reader and end with it.
+
+    Every outcome resolves ``reader.done``: the response's (the reader's ``error``),
+    ``connect_error`` when connecting failed, ``expired`` when ``expire`` (the probe's
+    deadline) came first. ``close`` releases the socket; call it whatever happened.
+    """
+
+    __slots__ = (
+        "_data",
+        "_fd",
+        "_loop",
+        "_pending",
+        "_reader",
+        "_reading",
+        "_sock",
+        "_writing",
+        "connect_error",
+        "connected",
+        "expired",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: _ResponseReader) -> None:
+        self._loop = loop
+        self._reader = reader
+        self._sock: socket.socket | None = None
+        self._fd = -1
+        self._data = b""
+        self._pending = b""  # what the kernel did not take yet
+        self._reading = False
+        self._writing = False
+        self.connected = False
+        self.connect_error: OSError | None = None
+        self.expired = False
+
+    def open(self, family: socket.AddressFamily, address: tuple[str, int], data: bytes) -> None:
+        """Start connecting to ``address``; ``data`` goes out once connected."""
+        self._data = data
+        try:
+            sock = self._sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self._fd = sock.fileno()
+            code = sock.connect_ex(address)
+        except OSError as exc:  # no descriptors left, no such family
+            self._connect_failed(exc)
+            return
+        if code == errno.EINPROGRESS:
+            # On loopback (and to a listening local address in general) the handshake
+            # completes within connect(): no need to wait for the socket to be writable.
+            try:
+                sock.getpeername()
+            except OSError:
+                self._writing = True
+                self._loop.add_writer(self._fd, self._on_connect)
+                return
+        elif code:
+            self._connect_failed(OSError(code, os.strerror(code)))
+            return
+        self._on_connected()
+
+    def expire(self) -> None:
+        self.expired = True
+        self._reader.abandon()
+
+    def close(self) -> None:
+        self._unwatch()
+        if self._sock is not None:
+            self._sock.close()
+
+    def write(self, data: bytes) -> None:
+        if self._pending:
+            self._pending += data
+            return
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if sent < len(data):
+            self._pending = data[sent:]
+            self._writing = True
+            self._loop.add_writer(self._fd, self._flush)
+
+    def _on_connect(self) -> None:
+        assert self._sock is not None
+        self._writing = False
+        self._loop.remove_writer(self._fd)
+        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._connect_failed(OSError(code, os.strerror(code)))
+        else:
+            self._on_connected()
+
+    def _on_connected(self) -> None:
+        self.connected = True
+        self._reading = True
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reader.send(self, self._data)
+
+    def _connect_failed(self, exc: OSError) -> None:
+        self.connect_error = exc
+        self._reader.abandon()
+
+    def _flush(self) -> None:
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        self._pending = self._pending[sent:]
+        if not self._pending:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if data:
+            self._reader.data_received(data)
+        else:
+            self._lost(None)
+
+    def _lost(self, exc: OSError | None) -> None:
+        self._unwatch()
+        self._reader.connection_lost(exc)
+
+    def _unwatch(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)

@@ -284,3 +284,28 @@ async def test_stopping_the_scheduler_stops_every_check(until: Any) -> None:
 
     assert sorted(probe.cancelled) == ["127.0.0.1:1", "127.0.0.1:1"]
     assert outbox.empty()
+
+
+async def test_runs_beyond_max_in_flight_are_skipped_and_counted(until: Any) -> None:
+    # Two probes hang until their timeout; the third check finds no room and is skipped
+    # rather than piling up more connections on an overloaded agent.
+    probe = Probe(block=lambda c: c.name != "free")
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox, max_in_flight=2)
+    slow = [check(f"slow{i}", interval="10s", timeout="5s") for i in range(2)]
+    scheduler.apply(True, assign(*slow))
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(scheduler):
+            await until(lambda: len(probe.calls) == 2)
+            scheduler.apply(False, assign(check("free", interval="1s", timeout="500ms")))
+            await until(lambda: scheduler.skipped >= 1)
+
+    assert [name for name, _, _ in probe.calls] == ["slow0", "slow1"]
+    assert outbox.empty()
+    assert any(e["log_level"] == "warning" and e.get("max_in_flight") == 2 for e in logs)
+
+
+def test_max_in_flight_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        scheduler_for(Probe(), asyncio.Queue(), max_in_flight=0)
