@@ -356,35 +356,42 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         A sequence number at or below the highest handled is a replay, dropped as a
         duplicate before anything else is looked at.
         """
-        checks = self._checks
-        handled = self._fleet.last_seq(hello.name, hello.instance_id)
+        name = hello.name
+        assigned = self._checks.names()  # a set-like view: `in` without a method call
+        observe = self._engine.observe
+        handled = self._fleet.last_seq(name, hello.instance_id)
+        ingested = 0
         for message in results:
-            if 0 < message.seq <= handled:
+            seq = message.seq
+            if 0 < seq <= handled:
                 self._metrics.result_dropped("duplicate")
-                stream_log.debug(
-                    "result dropped", reason="duplicate", check=message.check, seq=message.seq
-                )
+                stream_log.debug("result dropped", reason="duplicate", check=message.check, seq=seq)
                 continue
-            handled = max(handled, message.seq)
+            if seq > handled:
+                handled = seq
             try:
                 result = result_from_pb(message)
             except WireError as exc:
                 self._drop(stream_log, "invalid", message, error=str(exc))
                 continue
-            if result.check not in checks:
+            if result.check not in assigned:
                 self._drop(stream_log, "unassigned", message)
                 continue
             try:
-                transitions = self._engine.observe(hello.name, result)
+                transitions = observe(name, result)
             except ValueError as exc:
                 # The engine and the registry are updated together, so this is a bug; the
                 # result is still accounted for rather than lost silently.
                 self._drop(stream_log, "unassigned", message, error=str(exc))
                 continue
-            self._fleet.count_result(hello.name)
-            self._metrics.result_received(hello.region)
-            self._recorder.record(transitions, agent=hello.name, region=hello.region)
-        self._fleet.advance_seq(hello.name, hello.instance_id, handled)
+            ingested += 1
+            if transitions:
+                self._recorder.record(transitions, agent=name, region=hello.region)
+        # Counted once per batch: per result, the label lookups cost more than the folding.
+        if ingested:
+            self._fleet.count_result(name, ingested)
+            self._metrics.result_received(hello.region, ingested)
+        self._fleet.advance_seq(name, hello.instance_id, handled)
         return handled
 
     def _drop(

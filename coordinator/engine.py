@@ -80,8 +80,12 @@ recognising duplicates and replays by sequence number is the caller's job.
 
 Cost: ``observe()`` touches one check; when the agent's contribution to it (view, failure
 class, freshness) did not change and nobody else has gone stale, it does not re-evaluate
-at all. A re-evaluation is linear in the check's agents. ``tick()`` scans the checks but
-re-evaluates only those whose earliest fresh view has expired.
+at all. A re-evaluation is linear in the check's agents. Each check remembers when its
+earliest fresh view expires; once that time has passed (``observe()`` or ``tick()``,
+whichever comes first), one pass over its views (no re-evaluation) either finds that no
+view actually went stale -- results arrived meanwhile -- and moves the time on, or
+re-evaluates. So while agents keep reporting, a check costs one such pass per staleness
+window, not a re-evaluation, and ``tick()`` is a scan of the checks that finds nothing due.
 """
 
 from __future__ import annotations
@@ -171,7 +175,8 @@ class _View:
         return (self.up, self.failure if self.up is False else None)
 
     def fold(self, result: ProbeResult, now: float, fail_after: int, recover_after: int) -> None:
-        success = result.success
+        outcome = result.outcome
+        success = outcome.success
         if success == self.last_success:
             self.run += 1
         else:
@@ -182,15 +187,15 @@ class _View:
             if self.up is not True and self.run >= needed:
                 self.up = True
         else:
-            self.failure = result.failure
-            self.message = result.outcome.message
+            self.failure = outcome.failure
+            self.message = outcome.message
             if self.up is not False and self.run >= fail_after:
                 self.up = False
         self.observed_at = now
 
 
 class _Check:
-    __slots__ = ("name", "next_expiry", "verdict", "views", "window")
+    __slots__ = ("name", "next_expiry", "stale", "verdict", "views", "window")
 
     def __init__(self, name: str, window: float, verdict: Verdict) -> None:
         self.name = name
@@ -199,8 +204,9 @@ class _Check:
         self.verdict = verdict
         # When the first fresh view of a connected agent goes stale, as of the last
         # evaluation. Only a lower bound afterwards (results make views fresher), so
-        # re-evaluating once it has passed is never late, at worst early.
+        # looking again once it has passed is never late, at worst early (_went_stale).
         self.next_expiry = math.inf
+        self.stale = 0  # connected agents' stale views, as of the last evaluation
 
 
 class _Tally:
@@ -220,6 +226,7 @@ class _Evaluation:
     failure: FailureClass | None
     reason: str
     next_expiry: float
+    stale: int  # counted agents' views that were stale
 
 
 class VerdictEngine:
@@ -331,7 +338,11 @@ class VerdictEngine:
         member.last_observed = now
         # The steady state: this agent still says what it said, and nobody has gone stale
         # since the last evaluation, so the stored verdict and evidence are still exact.
-        if before is not None and before == view.contribution() and now <= check.next_expiry:
+        if (
+            before is not None
+            and before == view.contribution()
+            and (now <= check.next_expiry or not self._went_stale(check, now))
+        ):
             return []
         transitions: list[Transition] = []
         self._collect(transitions, check, now)
@@ -343,7 +354,9 @@ class VerdictEngine:
         now = self._clock()
         transitions: list[Transition] = []
         for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
-            self._collect(transitions, self._checks[name], now)
+            check = self._checks[name]
+            if self._went_stale(check, now):
+                self._collect(transitions, check, now)
         horizon = now - self._longest_window
         for member in [m for m in self._agents.values() if not m.connected]:
             if member.last_observed < horizon:
@@ -382,6 +395,7 @@ class VerdictEngine:
         """Re-evaluate one check and store its verdict; the transition if the state moved."""
         evaluation = self._evaluate(check, now)
         check.next_expiry = evaluation.next_expiry
+        check.stale = evaluation.stale
         previous = check.verdict.state
         changed = evaluation.state is not previous
         check.verdict = Verdict(
@@ -394,6 +408,31 @@ class VerdictEngine:
             reason=evaluation.reason,
         )
         return Transition(check.name, previous, check.verdict, now) if changed else None
+
+    def _went_stale(self, check: _Check, now: float) -> bool:
+        """Whether a counted view has gone stale since the check's last evaluation.
+
+        Called once ``next_expiry`` has passed. Between evaluations the connected views
+        stay the same and a stale view stays stale (observing it re-evaluates), so an
+        unchanged count of stale views means none went stale: the stored verdict is still
+        exact, and ``next_expiry`` moves on to the earliest expiry now, without a
+        re-evaluation. Linear in the check's views, but only about once per staleness
+        window per check, however many results arrive meanwhile.
+        """
+        window = check.window
+        stale = 0
+        earliest = math.inf
+        for view in check.views.values():
+            if view.agent.connected:
+                expiry = view.observed_at + window
+                if expiry < now:
+                    stale += 1
+                elif expiry < earliest:
+                    earliest = expiry
+        if stale != check.stale:
+            return True
+        check.next_expiry = earliest
+        return False
 
     def _evaluate(self, check: _Check, now: float) -> _Evaluation:
         """The verdict the check's views support at ``now``; stores nothing."""
@@ -438,7 +477,7 @@ class VerdictEngine:
                 up=tally.up,
                 down=down,
                 stale=tally.stale,
-                failure=_dominant(failure for _, failure in tally.failing),
+                failure=_dominant(tally.failing),
                 failing_agents=tuple(name for name, _ in tally.failing),
             )
             failing.extend(tally.failing)
@@ -450,9 +489,10 @@ class VerdictEngine:
             state=state,
             regions=regions,
             regions_down=tuple(r for r, v in regions.items() if v.state is RegionState.DOWN),
-            failure=_dominant(failure for _, failure in failing),
+            failure=_dominant(failing),
             reason=reason,
             next_expiry=next_expiry,
+            stale=stale,
         )
 
     def _classify(
@@ -498,7 +538,7 @@ class VerdictEngine:
             return (
                 VerdictState.GLOBAL,
                 f"down from {len(failing)}/{counted} agents in {len(down)} "
-                f"{_plural(len(down), 'region')}{_parenthesised(_dominant(f for _, f in failing))}",
+                f"{_plural(len(down), 'region')}{_parenthesised(_dominant(failing))}",
             )
         if down:
             where = ", ".join(f"{r}{_parenthesised(regions[r].failure)}" for r in down)
@@ -517,9 +557,12 @@ class VerdictEngine:
         )
 
 
-def _dominant(failures: Iterable[FailureClass | None]) -> FailureClass | None:
-    """The most common failure class; a tie goes to the name that sorts first."""
-    counts = Counter(failure for failure in failures if failure is not None)
+def _dominant(failing: list[tuple[str, FailureClass | None]]) -> FailureClass | None:
+    """The most common failure class among ``(agent, failure)`` pairs; a tie goes to the
+    name that sorts first."""
+    if not failing:  # the usual case, and the cheap one
+        return None
+    counts = Counter(failure for _, failure in failing if failure is not None)
     if not counts:
         return None
     return min(counts, key=lambda failure: (-counts[failure], failure.value))

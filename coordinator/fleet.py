@@ -129,8 +129,8 @@ class AgentFleet:
         while len(seqs) > INSTANCES_KEPT:
             seqs.popitem(last=False)
 
-    def count_result(self, name: str) -> None:
-        self._agents[name].results_received += 1
+    def count_result(self, name: str, count: int = 1) -> None:
+        self._agents[name].results_received += count
 
     def get(self, name: str) -> AgentInfo | None:
         record = self._agents.get(name)

@@ -149,8 +149,10 @@ class CoordinatorMetrics:
     def stream_closed(self) -> None:
         self._streams_open.dec()
 
-    def result_received(self, region: str) -> None:
-        self._received.labels(region).inc()
+    def result_received(self, region: str, count: int = 1) -> None:
+        """``count`` results from an agent of ``region`` went into the engine (one call
+        per batch: a label lookup per result would cost more than the result itself)."""
+        self._received.labels(region).inc(count)
 
     def result_dropped(self, reason: str) -> None:
         if reason not in DROP_REASONS:

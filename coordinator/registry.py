@@ -6,7 +6,7 @@ the current set is also every agent's assignment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 from dataclasses import dataclass
 
 from vantage.checks import AnyCheck
@@ -37,6 +37,10 @@ class CheckRegistry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._checks
+
+    def names(self) -> KeysView[str]:
+        """The current names, as a live view until the next ``replace``."""
+        return self._checks.keys()
 
     def get(self, name: str) -> AnyCheck | None:
         return self._checks.get(name)

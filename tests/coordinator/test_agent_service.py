@@ -101,6 +101,25 @@ async def test_results_move_the_verdict_and_are_acknowledged(running: Running) -
     agent.close()
 
 
+async def test_a_mixed_batch_counts_only_what_reached_the_engine(running: Running) -> None:
+    agent = running.agent()
+    await agent.handshake()
+    assert await agent.send_results([agent.result("web", seq=3)]) == 3
+    batch = [
+        agent.result("web", seq=4),
+        agent.result("nope", seq=5),
+        agent.result("web", seq=2),  # a replay
+        agent.result("db", seq=6, success=False),
+    ]
+    assert await agent.send_results(batch) == 6
+    assert await running.metric('vantage_results_received_total{region="eu"}') == 3
+    assert await running.metric('vantage_results_dropped_total{reason="unassigned"}') == 1
+    assert await running.metric('vantage_results_dropped_total{reason="duplicate"}') == 1
+    [listed] = await _agents(running)
+    assert listed.results_received == 3
+    agent.close()
+
+
 async def test_result_for_an_unassigned_check_is_dropped_and_counted(running: Running) -> None:
     agent = running.agent()
     await agent.handshake()

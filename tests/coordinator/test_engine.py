@@ -241,6 +241,43 @@ def test_stale_results_make_it_unknown_never_up() -> None:
     assert thin.reason == "only 2 fresh agents, 3 needed (4 stale)"
 
 
+def test_agents_that_keep_reporting_never_go_stale_and_one_that_stops_does() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    assert state(engine) is VerdictState.UP
+    # Agents report one after another, 5s apart, for many staleness windows: each time the
+    # check's earliest view would expire, a fresher result has replaced it.
+    last_seen: dict[str, float] = {}
+    for step in range(10 * len(FLEET) * 3):
+        clock.advance(5)
+        agent = list(FLEET)[step % len(FLEET)]
+        assert engine.observe(agent, result("web")) == []
+        last_seen[agent] = clock.now
+        assert engine.tick() == []
+        verdict = engine.verdict("web")
+        assert verdict is not None
+        assert all(view.stale == 0 for view in verdict.regions.values())
+
+    # us-1 stops. Its view goes stale exactly one window after its last result, however
+    # often the others' results moved the check's earliest expiry on meanwhile.
+    others = [agent for agent in FLEET if agent != "us-1"]
+    step = 0
+    while clock.now + 5 <= last_seen["us-1"] + WINDOW:
+        clock.advance(5)
+        engine.observe(others[step % len(others)], result("web"))
+        step += 1
+        assert engine.tick() == []
+        verdict = engine.verdict("web")
+        assert verdict is not None
+        assert verdict.regions["us"].stale == 0
+    clock.now = last_seen["us-1"] + WINDOW + 0.5
+    assert engine.tick() == []  # still up: five fresh agents
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert verdict.regions["us"] == RegionView(RegionState.UP, up=1, stale=1)
+
+
 def test_a_stale_view_is_forgotten_so_hysteresis_starts_over() -> None:
     clock = FakeClock()
     engine = engine_with_fleet(clock)

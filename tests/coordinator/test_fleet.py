@@ -36,9 +36,10 @@ def test_connect_disconnect_keeps_the_record() -> None:
     clock.now = 1005.0
     fleet.seen("eu-1")
     fleet.count_result("eu-1")
+    fleet.count_result("eu-1", 499)  # a whole batch at once
     [info] = fleet.agents()
     assert (info.connected, info.connected_since, info.last_seen) == (True, 1000.0, 1005.0)
-    assert info.results_received == 1
+    assert info.results_received == 500
     assert fleet.connected_by_region() == {"eu": 1}
     assert fleet.disconnect("eu-1", link)
     [info] = fleet.agents()
