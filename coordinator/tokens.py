@@ -20,7 +20,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from vantage.configfile import ConfigError, line_of, read_yaml, validation_message
+from vantage.configfile import (
+    ConfigError,
+    items_under,
+    line_of,
+    read_yaml,
+    validation_message,
+)
 
 MIN_TOKEN_LENGTH = 16
 # Agent and region names: what Hello accepts, and what a token may be bound to.
@@ -92,14 +98,9 @@ class TokenRegistry:
 def load_tokens(path: Path) -> tuple[TokenEntry, ...]:
     source = str(path)
     root, data = read_yaml(path, "tokens")
-    if not isinstance(data, dict) or not isinstance(data.get("tokens", []), list):
-        raise ConfigError(f"{source}:1: expected a mapping with a 'tokens' list")
-    unknown = sorted(set(data) - {"tokens"})
-    if unknown:
-        raise ConfigError(f"{source}:{line_of(root, (unknown[0],))}: unknown key {unknown[0]!r}")
     entries: list[TokenEntry] = []
     first_line: dict[str, int] = {}
-    for index, item in enumerate(data.get("tokens") or []):
+    for index, item in enumerate(items_under(root, data, source, "tokens")):
         line = line_of(root, ("tokens", index))
         label = f"tokens[{index}]"
         if not isinstance(item, dict):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -43,8 +44,10 @@ from pydantic import (
 
 from .configfile import (
     ConfigError,
+    items_under,
     line_of,
     parse_yaml,
+    read_yaml,
     split_host_port,
     validation_message,
 )
@@ -394,23 +397,22 @@ def parse_check(data: Any, base_dir: Path | None = None) -> AnyCheck:
 
 def load_checks(path: Path) -> tuple[AnyCheck, ...]:
     """Read and validate a checks file; ConfigError (one line) on any problem."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read checks file: {exc.strerror}") from exc
-    return parse_checks(text, str(path), path.parent)
+    root, data = read_yaml(path, "checks")
+    return _checks_from(root, data, str(path), path.parent)
 
 
 def parse_checks(text: str, source: str, base_dir: Path = Path()) -> tuple[AnyCheck, ...]:
+    """Validate a checks file's text; ``source`` names it in errors."""
     root, data = parse_yaml(text, source)
-    if not isinstance(data, dict) or not isinstance(data.get("checks", []), list):
-        raise ConfigError(f"{source}:1: expected a mapping with a 'checks' list")
-    unknown = sorted(set(data) - {"checks"})
-    if unknown:
-        raise ConfigError(f"{source}:{line_of(root, (unknown[0],))}: unknown key {unknown[0]!r}")
+    return _checks_from(root, data, source, base_dir)
+
+
+def _checks_from(
+    root: yaml.Node | None, data: Any, source: str, base_dir: Path
+) -> tuple[AnyCheck, ...]:
     checks: list[AnyCheck] = []
     first_line: dict[str, int] = {}
-    for index, item in enumerate(data.get("checks") or []):
+    for index, item in enumerate(items_under(root, data, source, "checks")):
         line = line_of(root, ("checks", index))
         label = _describe(item, index)
         if isinstance(item, dict) and "type" in item and item["type"] not in PROBE_TYPES:

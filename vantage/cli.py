@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
+from .configfile import split_host_port
 
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -199,9 +200,10 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _check_address(address: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--coordinator {address!r} is not HOST:PORT")
+    try:
+        split_host_port(address)
+    except ValueError:
+        raise UsageError(f"--coordinator {address!r} is not HOST:PORT") from None
 
 
 def _read_token(path: Path) -> str:

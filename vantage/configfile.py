@@ -45,6 +45,17 @@ def parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     return root, ({} if data is None else data)
 
 
+def items_under(root: yaml.Node | None, data: Any, source: str, key: str) -> list[Any]:
+    """The list under ``key`` of a file that must be a mapping with that one key."""
+    if not isinstance(data, dict) or not isinstance(data.get(key, []), list):
+        raise ConfigError(f"{source}:1: expected a mapping with a {key!r} list")
+    unknown = sorted(set(data) - {key})
+    if unknown:
+        raise ConfigError(f"{source}:{line_of(root, (unknown[0],))}: unknown key {unknown[0]!r}")
+    items: list[Any] = data.get(key) or []
+    return items
+
+
 def validation_message(
     exc: ValidationError,
     root: yaml.Node | None,
