@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class ConfigError(Exception):
     """A configuration input is invalid. ``str()`` is one line naming the problem."""
@@ -34,14 +36,19 @@ def read_yaml(path: Path, what: str) -> tuple[yaml.Node | None, Any]:
 
 
 def parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    # One pass: compose the node tree (it keeps line numbers), then build the data from
+    # it. libyaml's loader when PyYAML has it: some 20x faster on a file of many checks.
+    loader = _Loader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
+    finally:
+        loader.dispose()
     return root, ({} if data is None else data)
 
 
