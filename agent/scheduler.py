@@ -2,8 +2,7 @@
 
 Lifecycle: build a ``Scheduler`` around the outbox (the bounded queue the coordinator link
 drains), ``apply`` assignments at any time, and run ``await scheduler.run()`` in the
-agent's task group; cancelling it stops every check. Each check has one task in the
-scheduler's own task group:
+agent's task group; cancelling it stops every check:
 
 - The first run is jittered uniformly within one interval, so that a thousand checks
   assigned at once do not fire on the same tick; after that runs are fixed-rate, on a
@@ -12,11 +11,12 @@ scheduler's own task group:
 - A probe enforces its check's timeout itself; the scheduler adds a hard outer limit of
   timeout + grace as a safety net (reported as ``timeout``) and turns any exception from
   a probe into an ``internal`` result, logged with its traceback.
-- Cost per run is what bounds an agent's probe rate, so the scheduler arms no timer of its
-  own per run: the check loops wait on one shared ``_Timeline`` (a heap woken by a single
-  timer), and the outer limit is enforced by a watchdog that looks at the probes in
-  flight every ``LIMIT_CHECK_PERIOD`` (so a probe is cut off at most that much after
-  timeout + grace).
+- Cost per run is what bounds an agent's probe rate, so a run costs no task and no timer
+  of the scheduler's own: runs are started by callbacks of one shared ``_Timeline`` (a
+  heap woken by a single timer); a probe with a launcher (``agent.probes.launch``) runs
+  on loop callbacks and only the others get a task per run; the outer limit is enforced
+  by a watchdog that looks at the runs in flight every ``LIMIT_CHECK_PERIOD`` (so a
+  probe is cut off at most that much after timeout + grace).
 - Admission control: at most ``max_in_flight`` probes run at once. A run due while that
   many are in flight is skipped (no result: the check simply was not probed) and counted
   (``skipped``), with a warning at most every ``SKIP_LOG_PERIOD``. Past the machine's
@@ -32,20 +32,25 @@ scheduler's own task group:
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import structlog
 
 from vantage.checks import AnyCheck
 from vantage.durations import format_duration
 from vantage.logs import get_logger
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 
-from .probes import PROBES, ProbeFn
+from .probes import LAUNCHERS, PROBES, ProbeFn
+from .probes.launch import Abort, Launch, Prepare
 
 DEFAULT_GRACE = 1.0
 DEFAULT_MAX_IN_FLIGHT = 2_000
@@ -54,6 +59,8 @@ SKIP_LOG_PERIOD = 10.0
 LIMIT_CHECK_PERIOD = 0.1
 # libuv's timers have millisecond resolution: a wake-up may come up to this early.
 _TIMER_SLACK = 0.001
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +84,9 @@ class Assignment:
 
 
 class Scheduler:
-    """Runs the current assignment set, one fixed-rate loop per check.
+    """Runs the current assignment set, each check on its own fixed-rate grid.
 
-    ``apply`` may be called before or while ``run`` runs; loops start when both have
+    ``apply`` may be called before or while ``run`` runs; checks start when both have
     happened. ``dropped`` counts results lost to a full outbox, ``skipped`` the runs not
     started because ``max_in_flight`` probes were running.
     """
@@ -91,6 +98,7 @@ class Scheduler:
         agent: str,
         region: str,
         probes: Mapping[str, ProbeFn] = PROBES,
+        launchers: Mapping[ProbeFn, Prepare] = LAUNCHERS,
         grace: float = DEFAULT_GRACE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         rng: random.Random | None = None,
@@ -99,6 +107,7 @@ class Scheduler:
             raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
         self._outbox = outbox
         self._probes = probes
+        self._launchers = launchers
         self._grace = grace
         self._max_in_flight = max_in_flight
         self._skipped = 0
@@ -106,17 +115,14 @@ class Scheduler:
         self._skip_logged_at = -math.inf
         self._rng = rng or random.Random()
         self._log = get_logger("agent.scheduler").bind(agent=agent, region=region)
-        self._assignments: dict[str, Assignment] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots: dict[str, _Slot] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._group: asyncio.TaskGroup | None = None
+        self._timeline: _Timeline[_Slot] | None = None
+        self._running: dict[_Run, None] = {}  # runs in flight, in start order
         self._next_seq = 1
         self._dropped = 0
         self._dropping = False
-        self._timeline = _Timeline()
-        # Check loops inside a probe, with the loop time of their hard limit; and those
-        # the watchdog cancelled for overrunning it.
-        self._running: dict[asyncio.Task[None], float] = {}
-        self._cut_off: set[asyncio.Task[None]] = set()
         # Checked once: building a disabled debug line's fields costs per result.
         self._debug = self._log.is_enabled_for(logging.DEBUG)
 
@@ -133,127 +139,165 @@ class Scheduler:
     @property
     def assignments(self) -> Mapping[str, Assignment]:
         """The checks being run, by name."""
-        return dict(self._assignments)
+        return {name: slot.assignment for name, slot in self._slots.items()}
 
     def apply(self, full: bool, checks: Iterable[Assignment], removed: Iterable[str] = ()) -> None:
         """Change what runs.
 
         ``full``: ``checks`` is the whole set and anything else stops. Otherwise the
         checks are upserted and the ``removed`` names stop. An upsert with the revision
-        already running changes nothing; a new revision restarts that check's loop (with
-        a fresh jittered first run). A check whose type has no probe is logged and not
-        run.
+        already running changes nothing; a new revision restarts that check (with a
+        fresh jittered first run; a run in flight of the old one ends without a
+        result). A check whose type has no probe is logged and not run.
         """
         wanted: dict[str, Assignment] = {}
         for assignment in checks:
             wanted[assignment.name] = assignment
         stopping = set(removed)
         if full:
-            stopping |= self._assignments.keys() - wanted.keys()
+            stopping |= self._slots.keys() - wanted.keys()
         for name in stopping - wanted.keys():
             self._stop(name)
         for name, assignment in wanted.items():
-            current = self._assignments.get(name)
-            if current is not None and current.revision == assignment.revision:
+            current = self._slots.get(name)
+            if current is not None and current.assignment.revision == assignment.revision:
                 continue
             self._stop(name)
-            if assignment.check.type not in self._probes:
+            probe = self._probes.get(assignment.check.type)
+            if probe is None:
                 self._log.warning(
                     "check skipped: no probe for its type",
                     check=name,
                     type=assignment.check.type,
                 )
                 continue
-            self._assignments[name] = assignment
-            self._start(assignment)
+            prepare = self._launchers.get(probe)
+            launch = prepare(assignment.check) if prepare is not None else None
+            slot = self._slots[name] = _Slot(assignment, probe, launch)
+            self._start(slot)
 
     async def run(self) -> None:
-        """Run the assigned checks until cancelled; then every check loop is cancelled
-        and awaited before this returns (by raising CancelledError)."""
-        if self._group is not None:
+        """Run the assigned checks until cancelled; then every run in flight is stopped
+        (and its task awaited) before this returns (by raising CancelledError)."""
+        if self._loop is not None:
             raise RuntimeError("the scheduler is already running")
+        loop = self._loop = asyncio.get_running_loop()
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._timeline.run(), name="scheduler timeline")
-                group.create_task(self._enforce_limits(), name="scheduler watchdog")
                 self._group = group
-                for assignment in self._assignments.values():
-                    self._start(assignment)
-                await asyncio.Event().wait()
+                self._timeline = _Timeline(loop, self._fire, self._log)
+                try:
+                    for slot in self._slots.values():
+                        self._start(slot)
+                    await self._enforce_limits(loop)
+                finally:
+                    self._timeline.close()
+                    self._timeline = None
+                    for run in list(self._running):
+                        self._release(run)  # tasks are the group's to cancel
         finally:
+            self._loop = None
             self._group = None
-            self._tasks.clear()
             self._running.clear()
-            self._cut_off.clear()
+            for slot in self._slots.values():
+                slot.run = None
 
-    def _start(self, assignment: Assignment) -> None:
-        if self._group is not None:
-            self._tasks[assignment.name] = self._group.create_task(
-                self._loop(assignment), name=f"check {assignment.name}"
-            )
+    def _start(self, slot: _Slot) -> None:
+        if self._loop is None or self._timeline is None:
+            return  # run() starts it
+        slot.due = self._loop.time() + self._rng.uniform(0.0, slot.assignment.check.interval)
+        self._timeline.call_at(slot.due, slot)
 
     def _stop(self, name: str) -> None:
-        self._assignments.pop(name, None)
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()  # a cancelled child does not cancel the task group
-
-    async def _loop(self, assignment: Assignment) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        interval = assignment.check.interval
-        due = loop.time() + self._rng.uniform(0.0, interval)
-        while True:
-            await self._timeline.wait_until(due)
-            await self._run_once(assignment, task, loop)
-            due += interval
-            late = loop.time() - due
-            if late > 0:
-                missed = math.ceil(late / interval)
-                due += missed * interval
-                if self._debug:
-                    self._log.debug("run overran its slot", check=assignment.name, skipped=missed)
-
-    async def _run_once(
-        self, assignment: Assignment, task: asyncio.Task[None], loop: asyncio.AbstractEventLoop
-    ) -> None:
-        if len(self._running) >= self._max_in_flight:
-            self._skip(assignment, loop)
+        slot = self._slots.pop(name, None)
+        if slot is None:
             return
-        check = assignment.check
-        probe = self._probes[check.type]
-        started_at = time.time()
-        started = time.monotonic()
-        self._running[task] = loop.time() + check.timeout + self._grace
+        slot.stopped = True  # its next firing does nothing
+        if slot.run is not None:
+            self._release(slot.run)
+
+    def _fire(self, slot: _Slot) -> None:
+        """A check's slot is due: schedule the next one and start a run."""
+        if slot.stopped:
+            return
+        loop, timeline = self._loop, self._timeline
+        assert loop is not None
+        assert timeline is not None
+        check = slot.assignment.check
+        interval = check.interval
+        now = loop.time()
+        due = slot.due + interval
+        if due <= now:  # the loop was too busy to fire slots on time: skip them
+            missed = math.ceil((now - due) / interval)
+            due += missed * interval
+            if self._debug:
+                self._log.debug("slots missed", check=check.name, skipped=missed)
+        slot.due = due
+        timeline.call_at(due, slot)
+        if slot.run is not None:
+            if self._debug:
+                self._log.debug("run overran its slot", check=check.name)
+            return
+        if len(self._running) >= self._max_in_flight:
+            self._skip(slot, now)
+            return
+        run = slot.run = _Run(slot, now + check.timeout + self._grace)
+        self._running[run] = None
+        if slot.launch is not None:
+            try:
+                run.abort = slot.launch(loop, functools.partial(self._finished, run))
+            except Exception as exc:
+                self._log.exception("probe raised", check=check.name)
+                self._finished(run, _internal(exc))
+        else:
+            assert self._group is not None
+            run.task = self._group.create_task(self._run_probe(run), name=f"check {check.name}")
+
+    async def _run_probe(self, run: _Run) -> None:
+        """A run of a probe without a launcher, in its own task."""
+        check = run.slot.assignment.check
+        task = run.task
         try:
-            outcome = await probe(check)
+            outcome = await run.slot.probe(check)
         except asyncio.CancelledError:
-            # Ours only if the watchdog cut the probe off and nobody else cancels the loop.
-            if task not in self._cut_off or task.uncancel() > 0:
+            # Ours only if the watchdog cut the probe off and nobody else cancels the run.
+            if not run.cut_off or (task is not None and task.uncancel() > 0):
                 raise
             outcome = self._overran(check)
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and task in self._cut_off:
+            if isinstance(exc, TimeoutError) and run.cut_off:
                 outcome = self._overran(check)  # the probe turned our cancellation into this
             else:
-                outcome = ProbeOutcome.failed(
-                    FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
-                )
+                outcome = _internal(exc)
                 self._log.exception("probe raised", check=check.name)
-        finally:
-            del self._running[task]
-            self._cut_off.discard(task)
-        duration = time.monotonic() - started
-        self._publish(assignment, started_at, duration, outcome)
+        self._finished(run, outcome)
 
-    def _skip(self, assignment: Assignment, loop: asyncio.AbstractEventLoop) -> None:
+    def _finished(self, run: _Run, outcome: ProbeOutcome) -> None:
+        """A run's outcome: publish it unless the run was stopped meanwhile."""
+        if run.over:
+            return
+        duration = time.monotonic() - run.started
+        self._release(run)
+        self._publish(run.slot.assignment, run.started_at, duration, outcome)
+
+    def _release(self, run: _Run) -> None:
+        """Take ``run`` out of flight; a run not over yet is stopped without a result."""
+        if not run.over:
+            run.over = True
+            if run.abort is not None:
+                run.abort()
+            elif run.task is not None and not run.cut_off:
+                run.task.cancel()
+        self._running.pop(run, None)
+        if run.slot.run is run:
+            run.slot.run = None
+
+    def _skip(self, slot: _Slot, now: float) -> None:
         self._skipped += 1
-        now = loop.time()
         if now - self._skip_logged_at >= SKIP_LOG_PERIOD:
             self._log.warning(
                 "too many probes in flight: skipping runs",
-                check=assignment.name,
+                check=slot.assignment.name,
                 max_in_flight=self._max_in_flight,
                 skipped=self._skipped - self._skipped_logged,
                 skipped_total=self._skipped,
@@ -268,16 +312,19 @@ class Scheduler:
             f"probe did not finish within its timeout of {format_duration(check.timeout)}",
         )
 
-    async def _enforce_limits(self) -> None:
-        """Cancel every probe still running past its check's timeout + grace."""
-        loop = asyncio.get_running_loop()
+    async def _enforce_limits(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cut off every run still going past its check's timeout + grace: a task is
+        cancelled (and reports the overrun itself), a launched run is aborted."""
         while True:
             await asyncio.sleep(LIMIT_CHECK_PERIOD)
             now = loop.time()
-            for task, limit in self._running.items():
-                if limit <= now and task not in self._cut_off:
-                    self._cut_off.add(task)
-                    task.cancel()
+            late = [run for run in self._running if run.limit <= now and not run.cut_off]
+            for run in late:
+                run.cut_off = True
+                if run.task is not None:
+                    run.task.cancel()
+                else:
+                    self._finished(run, self._overran(run.slot.assignment.check))
 
     def _publish(
         self, assignment: Assignment, started_at: float, duration: float, outcome: ProbeOutcome
@@ -318,58 +365,102 @@ class Scheduler:
             )
 
 
-class _Timeline:
-    """Wakes any number of waiters at their due times with a single timer.
+def _internal(exc: Exception) -> ProbeOutcome:
+    return ProbeOutcome.failed(FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}")
 
-    ``wait_until(when)`` returns a future that ``run()`` resolves once the loop clock
-    reaches ``when``, give or take a millisecond (libuv's timer resolution). A waiter
-    cancelled meanwhile is skipped. Waiters are kept in one slot per millisecond and only
-    the slots go through a heap, so at thousands of runs a second a wake-up costs one
-    timer and a heap operation per millisecond, not per run.
+
+class _Slot:
+    """One assigned check: what runs it, its next due time and its run in flight."""
+
+    __slots__ = ("assignment", "due", "launch", "probe", "run", "stopped")
+
+    def __init__(self, assignment: Assignment, probe: ProbeFn, launch: Launch | None) -> None:
+        self.assignment = assignment
+        self.probe = probe
+        self.launch = launch
+        self.due = 0.0
+        self.run: _Run | None = None
+        self.stopped = False
+
+
+class _Run:
+    """One run in flight: when it started, its hard limit and how to stop it."""
+
+    __slots__ = ("abort", "cut_off", "limit", "over", "slot", "started", "started_at", "task")
+
+    def __init__(self, slot: _Slot, limit: float) -> None:
+        self.slot = slot
+        self.limit = limit
+        self.started_at = time.time()
+        self.started = time.monotonic()
+        self.abort: Abort | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.cut_off = False  # the watchdog stopped it
+        self.over = False  # its outcome is in, or it was stopped
+
+
+class _Timeline(Generic[_T]):
+    """Hands any number of items to one callback at their due times, with a single timer.
+
+    ``call_at(when, item)`` calls ``callback(item)`` once the loop clock reaches
+    ``when``, give or take a millisecond (libuv's timer resolution). Items are kept in
+    one slot per millisecond and only the slots go through a heap, so at thousands of
+    runs a second a wake-up costs one timer and a heap operation per millisecond, not per
+    run, and scheduling allocates nothing per item. An exception from the callback is
+    logged and the other items still go.
     """
 
-    def __init__(self) -> None:
-        self._slots: dict[int, list[asyncio.Future[None]]] = {}
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[_T], None],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._log = log
+        self._slots: dict[int, list[_T]] = {}
         self._keys: list[int] = []  # heap of the slots' milliseconds
-        self._alarm: asyncio.Future[None] | None = None
-        self._alarm_key: float = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_key: float = math.inf
+        self._closed = False
 
-    def wait_until(self, when: float) -> asyncio.Future[None]:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def call_at(self, when: float, item: _T) -> None:
+        if self._closed:
+            return
         key = math.ceil(when * 1000)
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = []
             heapq.heappush(self._keys, key)
-            alarm = self._alarm
-            if key < self._alarm_key and alarm is not None and not alarm.done():
-                alarm.set_result(None)  # due before the armed timer: re-arm earlier
-        slot.append(waiter)
-        return waiter
+            if key < self._timer_key:
+                self._arm(key)
+        slot.append(item)
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        keys, slots = self._keys, self._slots
-        while True:
-            now = (loop.time() + _TIMER_SLACK) * 1000
-            while keys and keys[0] <= now:
-                for waiter in slots.pop(heapq.heappop(keys)):
-                    if not waiter.done():
-                        waiter.set_result(None)
-            alarm = self._alarm = loop.create_future()
-            handle = None
-            if keys:
-                self._alarm_key = keys[0]
-                handle = loop.call_at(keys[0] / 1000, _ring, alarm)
-            try:
-                await alarm
-            finally:
-                self._alarm = None
-                self._alarm_key = math.inf
-                if handle is not None:
-                    handle.cancel()
+    def close(self) -> None:
+        """Call nothing more."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._slots.clear()
+        self._keys.clear()
 
+    def _arm(self, key: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_key = key
+        self._timer = self._loop.call_at(key / 1000, self._ring)
 
-def _ring(alarm: asyncio.Future[None]) -> None:
-    if not alarm.done():
-        alarm.set_result(None)
+    def _ring(self) -> None:
+        self._timer = None
+        self._timer_key = math.inf
+        keys, slots, callback = self._keys, self._slots, self._callback
+        now = (self._loop.time() + _TIMER_SLACK) * 1000
+        while keys and keys[0] <= now and not self._closed:
+            for item in slots.pop(heapq.heappop(keys)):
+                try:
+                    callback(item)
+                except Exception:
+                    self._log.exception("scheduler callback failed")
+        if keys and not self._closed:
+            self._arm(keys[0])

@@ -14,8 +14,9 @@ from vantage.checks import AnyCheck
 from vantage.results import ProbeOutcome
 
 from .dns import probe_dns
-from .http import probe_http
+from .http import prepare_http, probe_http
 from .icmp import probe_icmp
+from .launch import Prepare
 from .tcp import probe_tcp
 
 ProbeFn = Callable[[AnyCheck], Awaitable[ProbeOutcome]]
@@ -27,4 +28,8 @@ PROBES: dict[str, ProbeFn] = {
     "icmp": probe_icmp,
 }
 
-__all__ = ["PROBES", "ProbeFn", "probe_dns", "probe_http", "probe_icmp", "probe_tcp"]
+# Probes that can also run on loop callbacks, without a task (see ``launch``), keyed by
+# the probe function they stand in for.
+LAUNCHERS: dict[ProbeFn, Prepare] = {probe_http: prepare_http}
+
+__all__ = ["LAUNCHERS", "PROBES", "ProbeFn", "probe_dns", "probe_http", "probe_icmp", "probe_tcp"]

@@ -53,6 +53,8 @@ import os
 import re
 import socket
 import ssl
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urljoin, urlsplit
@@ -64,6 +66,7 @@ from vantage.checks import AnyCheck, HttpCheck, IpVersion
 from vantage.results import FailureClass, HttpDetails, ProbeOutcome, TlsDetails
 
 from . import tls
+from .launch import Abort, Done, Launch
 from .network import (
     PhaseClock,
     ProbeFailure,
@@ -77,6 +80,7 @@ from .network import (
     ip_literal,
     per_check,
     start_clock,
+    watcher,
 )
 
 USER_AGENT = f"vantage-agent/{vantage.__version__}"
@@ -87,6 +91,10 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PROBE_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _ALPN = ("http/1.1",)
 _RECV_SIZE = 256 * 1024
+# Direct connections receive into one preallocated buffer per thread: allocating a
+# 256 KiB bytes object per recv() cost more than the rest of reading a small response.
+# The parser is done with the bytes before the next receive on that thread.
+_receive_buffers = threading.local()
 # RFC 3986 characters that may stand unescaped in a path or query; '%' keeps an already
 # escaped target as it is.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
@@ -106,48 +114,150 @@ async def probe_http(check: AnyCheck) -> ProbeOutcome:
     if isinstance(plan, ProbeFailure):
         return ProbeOutcome.failed(plan.failure, plan.message)
     if plan.direct is not None:
-        return await _probe_direct(check, plan, plan.direct)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[ProbeOutcome] = loop.create_future()
+        run = _DirectRun(loop, check, plan, plan.direct, outcome.set_result)
+        try:
+            return await outcome
+        finally:
+            run.abort()
     return await _probe_hops(
         check, plan, start_clock(plan.request.url.host), plan.request, 0, check.timeout
     )
 
 
-async def _probe_direct(check: HttpCheck, plan: _Plan, direct: _Direct) -> ProbeOutcome:
-    """The common case, plain http to an IP address, without asyncio's transports and
-    timeouts: one socket driven by loop callbacks, one timer for the deadline. A redirect
-    to follow goes on through ``_probe_hops`` within what is left of the timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + check.timeout
-    request = plan.request
-    clock = PhaseClock("connect", direct.step)
-    reader = _ResponseReader(clock, request, plan.keep_body, check.follow_redirects)
-    connection = _PlainConnection(loop, reader)
-    timer = loop.call_at(deadline, connection.expire)
-    try:
-        connection.open(direct.family, direct.address, request.data)
-        await reader.done
-    finally:
-        timer.cancel()
-        connection.close()
-    peer = direct.peer if connection.connected else ""
-    try:
-        if connection.expired:
-            raise clock.timed_out(check.timeout)
-        if connection.connect_error is not None:
-            error = connection.connect_error
-            raise ProbeFailure(
-                classify_connect_error(error), f"{direct.step}: {describe_os_error(error)}"
+def prepare_http(check: AnyCheck) -> Launch | None:
+    """``probe_http`` on loop callbacks, for checks that take the direct path (plain http
+    to an IP address); None for the others. See ``agent.probes.Launch``."""
+    if not isinstance(check, HttpCheck):
+        return None
+    plan = _plan(check)
+    if isinstance(plan, ProbeFailure) or plan.direct is None:
+        return None
+    direct = plan.direct
+
+    def launch(loop: asyncio.AbstractEventLoop, done: Done) -> Abort:
+        return _DirectRun(loop, check, plan, direct, done).abort
+
+    return launch
+
+
+class _DirectRun:
+    """The common case, plain http to an IP address, without a task, asyncio's
+    transports or timeouts: one socket driven by loop callbacks and one timer for the
+    deadline. ``done`` gets the outcome exactly once (possibly before the constructor
+    returns, when connecting fails at once), unless ``abort`` came first. A redirect to
+    follow goes on in a task running ``_probe_hops`` within what is left of the timeout.
+    """
+
+    __slots__ = (
+        "_check",
+        "_clock",
+        "_connection",
+        "_deadline",
+        "_direct",
+        "_done",
+        "_hops",
+        "_loop",
+        "_plan",
+        "_reader",
+        "_timer",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        check: HttpCheck,
+        plan: _Plan,
+        direct: _Direct,
+        done: Done,
+    ) -> None:
+        self._loop = loop
+        self._check = check
+        self._plan = plan
+        self._direct = direct
+        self._done: Done | None = done
+        self._hops: asyncio.Task[ProbeOutcome] | None = None
+        self._deadline = loop.time() + check.timeout
+        self._clock = PhaseClock("connect", direct.step)
+        self._reader = _ResponseReader(
+            self._clock, plan.request, plan.keep_body, check.follow_redirects, self._answered
+        )
+        self._connection = _PlainConnection(loop, self._reader)
+        self._timer = loop.call_at(self._deadline, self._connection.expire)
+        self._connection.open(direct.family, direct.address, plan.request.data)
+
+    def abort(self) -> None:
+        """Stop without an outcome and release everything; nothing once it has one."""
+        self._done = None
+        self._timer.cancel()
+        self._connection.close()
+        if self._hops is not None:
+            self._hops.cancel()
+
+    def _answered(self) -> None:
+        """The reader is done: the connection goes, and the outcome goes to ``done``."""
+        self._timer.cancel()
+        self._connection.close()
+        if self._done is None:
+            return
+        try:
+            outcome = self._outcome()
+        except Exception as exc:  # a bug here must still end the run
+            outcome = ProbeOutcome.failed(
+                FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
             )
-        if reader.error is not None:
-            raise ProbeFailure(FailureClass.HTTP_STATUS, f"{request.exchange}: {reader.error}")
-        if reader.location is not None:
-            request = _next_hop(check, request, reader)
-            enter_host(clock, request.url.host)
-            return await _probe_hops(check, plan, clock, request, 1, deadline - loop.time())
-    except ProbeFailure as failure:
-        details = _details(reader, request, 0, peer, None)
-        return ProbeOutcome.failed(failure.failure, failure.message, clock.phases(), details)
-    return _judge(check, plan, clock, request, reader, 0, peer, None, ())
+        if outcome is not None:
+            self._finish(outcome)
+
+    def _outcome(self) -> ProbeOutcome | None:
+        """The outcome, or None when a redirect goes on in a task that will finish."""
+        check, plan, clock, reader = self._check, self._plan, self._clock, self._reader
+        connection = self._connection
+        request = plan.request
+        peer = self._direct.peer if connection.connected else ""
+        try:
+            if connection.expired:
+                raise clock.timed_out(check.timeout)
+            if connection.connect_error is not None:
+                error = connection.connect_error
+                raise ProbeFailure(
+                    classify_connect_error(error),
+                    f"{self._direct.step}: {describe_os_error(error)}",
+                )
+            if reader.error is not None:
+                raise ProbeFailure(FailureClass.HTTP_STATUS, f"{request.exchange}: {reader.error}")
+            if reader.location is not None:
+                request = _next_hop(check, request, reader)
+                enter_host(clock, request.url.host)
+                budget = self._deadline - self._loop.time()
+                self._hops = self._loop.create_task(
+                    _probe_hops(check, plan, clock, request, 1, budget)
+                )
+                self._hops.add_done_callback(self._hopped)
+                return None
+        except ProbeFailure as failure:
+            details = _details(reader, request, 0, peer, None)
+            return ProbeOutcome.failed(failure.failure, failure.message, clock.phases(), details)
+        return _judge(check, plan, clock, request, reader, 0, peer, None, ())
+
+    def _hopped(self, task: asyncio.Task[ProbeOutcome]) -> None:
+        if task.cancelled():
+            return  # aborted
+        error = task.exception()
+        if error is None:
+            self._finish(task.result())
+        else:
+            self._finish(
+                ProbeOutcome.failed(
+                    FailureClass.INTERNAL, f"probe failed: {type(error).__name__}: {error}"
+                )
+            )
+
+    def _finish(self, outcome: ProbeOutcome) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(outcome)
 
 
 async def _probe_hops(
@@ -171,8 +281,14 @@ async def _probe_hops(
             while True:
                 url = request.url
                 addresses = await addresses_for(clock, url.host, url.port, check.ip_version)
+                answered = asyncio.get_running_loop().create_future()
                 new_reader = functools.partial(
-                    _ResponseReader, clock, request, plan.keep_body, check.follow_redirects
+                    _ResponseReader,
+                    clock,
+                    request,
+                    plan.keep_body,
+                    check.follow_redirects,
+                    functools.partial(answered.set_result, None),
                 )
                 stream, reader, peer = await connect(clock, addresses, url.port, new_reader)
                 transports.append(stream)
@@ -192,7 +308,7 @@ async def _probe_hops(
                 else:
                     session = None
                 reader.send(stream, request.data)
-                await reader.done
+                await answered
                 # The response is complete or no longer wanted: no graceful TLS shutdown,
                 # which could keep the socket open after the probe has returned.
                 for transport in reversed(transports):
@@ -468,17 +584,23 @@ def _redirect(check: HttpCheck, request: _Request, status: int, location: str) -
 class _ResponseReader(asyncio.Protocol):
     """Reads one HTTP/1.x response, keeping counts rather than bytes.
 
-    ``done`` resolves (always with None) once the response is complete or cannot
-    complete; ``error`` (or, for a TLS alert after the handshake, ``tls_error``) then
-    says why not. ``location`` is set when the response is a redirect to follow: the
-    reader stops at its headers. Once the request is sent (``send``) the first response
-    byte moves the clock into the transfer phase.
+    ``on_done`` is called once, when the response is complete or cannot complete
+    (``finished`` is then true); ``error`` (or, for a TLS alert after the handshake,
+    ``tls_error``) then says why not. ``location`` is set when the response is a redirect
+    to follow: the reader stops at its headers. Once the request is sent (``send``) the
+    first response byte moves the clock into the transfer phase.
     """
 
     def __init__(
-        self, clock: PhaseClock, request: _Request, keep_body: bool, follow_redirects: bool
+        self,
+        clock: PhaseClock,
+        request: _Request,
+        keep_body: bool,
+        follow_redirects: bool,
+        on_done: Callable[[], None],
     ) -> None:
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finished = False
+        self._on_done = on_done
         self.error: str | None = None
         self.tls_error: ssl.SSLError | None = None
         self.status = 0
@@ -491,7 +613,7 @@ class _ResponseReader(asyncio.Protocol):
         self._follow = follow_redirects
         self._kept: list[bytes] | None = [] if keep_body else None
         self._kept_bytes = 0
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | _Finished = httptools.HttpResponseParser(self)
         self._sent = False
         self._received_any = False
         self._header_bytes = 0
@@ -513,8 +635,8 @@ class _ResponseReader(asyncio.Protocol):
 
     # asyncio.Protocol
 
-    def data_received(self, data: bytes) -> None:
-        if self.done.done():
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self.finished:
             return
         if not self._received_any:
             self._received_any = True
@@ -526,7 +648,7 @@ class _ResponseReader(asyncio.Protocol):
             self._finish("the server switched protocols")
         except httptools.HttpParserError as exc:
             self._finish(f"invalid HTTP response: {exc}")
-        if not self.done.done() and not self._headers_complete:
+        if not self.finished and not self._headers_complete:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._finish(f"response headers exceed {MAX_HEADER_BYTES // 1024} KiB")
@@ -535,7 +657,7 @@ class _ResponseReader(asyncio.Protocol):
         return None  # close the transport; connection_lost decides what the EOF means
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.done.done():
+        if self.finished:
             return
         if tls.is_tls_close(exc):
             exc = None
@@ -598,13 +720,39 @@ class _ResponseReader(asyncio.Protocol):
         self._finish(None)
 
     def abandon(self) -> None:
-        """Resolve ``done`` without a verdict on the response: the caller knows why."""
+        """Finish without a verdict on the response: the caller knows why."""
         self._finish(None)
 
     def _finish(self, error: str | None) -> None:
-        if not self.done.done():
+        if not self.finished:
+            self.finished = True
             self.error = error
-            self.done.set_result(None)
+            # The parser and the callback refer back to this reader: dropping them lets
+            # reference counting free a finished probe at once instead of leaving a
+            # cycle per probe to the garbage collector.
+            on_done, self._on_done = self._on_done, _nothing
+            self._parser = _FINISHED_PARSER
+            on_done()
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Finished:
+    """Stands in for the parser of a finished reader: nothing more is parsed."""
+
+    def feed_data(self, data: bytes | memoryview) -> None:
+        pass
+
+    def get_status_code(self) -> int:
+        return 0
+
+    def get_http_version(self) -> str:
+        return ""
+
+
+_FINISHED_PARSER = _Finished()
 
 
 class _Writer(Protocol):
@@ -616,7 +764,7 @@ class _PlainConnection:
     connect, write the request once connected (``reader.send``, which starts the
     processing phase), feed what arrives to the reader and end with it.
 
-    Every outcome resolves ``reader.done``: the response's (the reader's ``error``),
+    Every outcome finishes the reader: the response's (the reader's ``error``),
     ``connect_error`` when connecting failed, ``expired`` when ``expire`` (the probe's
     deadline) came first. ``close`` releases the socket; call it whatever happened.
     """
@@ -624,11 +772,11 @@ class _PlainConnection:
     __slots__ = (
         "_data",
         "_fd",
-        "_loop",
         "_pending",
         "_reader",
         "_reading",
         "_sock",
+        "_watcher",
         "_writing",
         "connect_error",
         "connected",
@@ -636,7 +784,7 @@ class _PlainConnection:
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: _ResponseReader) -> None:
-        self._loop = loop
+        self._watcher = watcher(loop)
         self._reader = reader
         self._sock: socket.socket | None = None
         self._fd = -1
@@ -665,7 +813,7 @@ class _PlainConnection:
                 sock.getpeername()
             except OSError:
                 self._writing = True
-                self._loop.add_writer(self._fd, self._on_connect)
+                self._watcher.add_writer(self._fd, self._on_connect)
                 return
         elif code:
             self._connect_failed(OSError(code, os.strerror(code)))
@@ -696,12 +844,12 @@ class _PlainConnection:
         if sent < len(data):
             self._pending = data[sent:]
             self._writing = True
-            self._loop.add_writer(self._fd, self._flush)
+            self._watcher.add_writer(self._fd, self._flush)
 
     def _on_connect(self) -> None:
         assert self._sock is not None
         self._writing = False
-        self._loop.remove_writer(self._fd)
+        self._watcher.remove_writer(self._fd)
         code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._connect_failed(OSError(code, os.strerror(code)))
@@ -711,7 +859,7 @@ class _PlainConnection:
     def _on_connected(self) -> None:
         self.connected = True
         self._reading = True
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._watcher.add_reader(self._fd, self._on_readable)
         self._reader.send(self, self._data)
 
     def _connect_failed(self, exc: OSError) -> None:
@@ -730,19 +878,20 @@ class _PlainConnection:
         self._pending = self._pending[sent:]
         if not self._pending:
             self._writing = False
-            self._loop.remove_writer(self._fd)
+            self._watcher.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
         assert self._sock is not None
+        buffer = _receive_buffer()
         try:
-            data = self._sock.recv(_RECV_SIZE)
+            size = self._sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(exc)
             return
-        if data:
-            self._reader.data_received(data)
+        if size:
+            self._reader.data_received(buffer[:size])
         else:
             self._lost(None)
 
@@ -753,7 +902,15 @@ class _PlainConnection:
     def _unwatch(self) -> None:
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._watcher.remove_reader(self._fd)
         if self._writing:
             self._writing = False
-            self._loop.remove_writer(self._fd)
+            self._watcher.remove_writer(self._fd)
+
+
+def _receive_buffer() -> memoryview:
+    try:
+        buffer: memoryview = _receive_buffers.buffer
+    except AttributeError:
+        buffer = _receive_buffers.buffer = memoryview(bytearray(_RECV_SIZE))
+    return buffer

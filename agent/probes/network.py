@@ -24,11 +24,12 @@ import errno
 import functools
 import ipaddress
 import os
+import select
 import socket
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from vantage.checks import IpVersion
 from vantage.durations import format_duration
@@ -304,3 +305,98 @@ def per_check(derive: Callable[[_CheckT], _DerivedT]) -> Callable[[_CheckT], _De
         return value
 
     return functools.update_wrapper(cached, derive)
+
+
+class Watcher(Protocol):
+    """Readiness callbacks for file descriptors, as an event loop offers them."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+    def remove_reader(self, fd: int) -> None: ...
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
+    def remove_writer(self, fd: int) -> None: ...
+
+
+class _EpollWatcher:
+    """Socket readiness for probes through one epoll set of their own, which the event
+    loop watches as a single descriptor.
+
+    uvloop's ``add_reader`` and ``remove_reader`` each look the descriptor up in a
+    ``WeakValueDictionary`` of transports (a KeyError raised and caught in Python) and
+    set up a libuv poll handle: with a fresh socket per probe that was a tenth of the
+    agent's CPU at 10,000 probes/s. Registering in this epoll set is one system call.
+    Level-triggered, so a callback that leaves data unread is called again.
+    """
+
+    __slots__ = ("__weakref__", "_epoll", "_readers", "_writers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        registered = fd in self._readers or fd in self._writers
+        self._readers[fd] = callback
+        self._update(fd, registered)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd, True)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        registered = fd in self._readers or fd in self._writers
+        self._writers[fd] = callback
+        self._update(fd, registered)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd, True)
+
+    def _update(self, fd: int, registered: bool) -> None:
+        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0
+        )
+        if not mask:
+            self._epoll.unregister(fd)
+        elif registered:
+            self._epoll.modify(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+
+    def _ready(self) -> None:
+        readers, writers = self._readers, self._writers
+        for fd, events in self._epoll.poll(0):
+            if events & _READABLE:
+                callback = readers.get(fd)
+                if callback is not None:
+                    callback()
+            if events & _WRITABLE:
+                callback = writers.get(fd)  # the reader may have closed it meanwhile
+                if callback is not None:
+                    callback()
+
+
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watcher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Watcher] | None = None
+
+
+def watcher(loop: asyncio.AbstractEventLoop) -> Watcher:
+    """Where probes on ``loop`` register their sockets: one epoll set per loop on Linux,
+    the loop itself elsewhere. Callbacks run on the loop; descriptors must be removed
+    before they are closed."""
+    global _last
+    if _last is not None and _last[0]() is loop:
+        return _last[1]  # a weak-key lookup per probe shows in profiles
+    found = _watchers.get(loop)
+    if found is None:
+        found = _EpollWatcher(loop) if hasattr(select, "epoll") else cast(Watcher, loop)
+        _watchers[loop] = found
+    _last = (weakref.ref(loop), found)
+    return found

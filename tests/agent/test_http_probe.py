@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import os
 import re
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +17,7 @@ from probe_timing import assert_phases_sane, timed
 
 import vantage
 from agent.probes import PROBES
-from agent.probes.http import probe_http
+from agent.probes.http import prepare_http, probe_http
 from vantage.checks import HttpCheck, parse_check
 from vantage.results import FailureClass, HttpDetails, ProbeOutcome, TlsDetails
 
@@ -25,11 +28,38 @@ def http_check(target: str, **spec: Any) -> HttpCheck:
     return check
 
 
+@pytest.fixture(autouse=True, params=["coroutine", "launcher"])
+def probe_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs twice: with the probe as a coroutine, and through its
+    launcher (loop callbacks, as the scheduler runs it) for the checks that have one."""
+    global _path
+    _path = request.param
+    yield _path
+    _path = "coroutine"
+
+
+_path = "coroutine"
+
+
+async def run_probe(check: HttpCheck) -> ProbeOutcome:
+    """``probe_http``, or its launcher when the test runs that path and the check has one."""
+    launch = prepare_http(check) if _path == "launcher" else None
+    if launch is None:
+        return await probe_http(check)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ProbeOutcome] = loop.create_future()
+    abort = launch(loop, done.set_result)
+    try:
+        return await done
+    finally:
+        abort()
+
+
 async def probe(check: HttpCheck, *, tls_used: bool | None = None) -> ProbeOutcome:
     """Run the probe and check what every outcome must satisfy: phases non-negative and
     summing to the wall time, and no TLS time unless TLS was spoken (by default: when the
     target is https)."""
-    outcome, elapsed = await timed(probe_http(check))
+    outcome, elapsed = await timed(run_probe(check))
     if tls_used is None:
         tls_used = check.target.startswith("https:")
     zero = () if tls_used else ("tls",)
@@ -731,3 +761,51 @@ async def test_is_registered_and_refuses_other_checks() -> None:
     tcp = parse_check({"name": "t", "type": "tcp", "target": "127.0.0.1:1"})
     with pytest.raises(TypeError):
         await probe_http(tcp)
+
+
+# Resources
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_probes_leave_no_socket_behind(serve: Any, free_port: int) -> None:
+    up = await serve(respond(OK))
+    silent = await serve(lambda reader, writer: asyncio.Event().wait())
+    checks = [
+        http_check(f"http://127.0.0.1:{up}/"),
+        http_check(f"http://127.0.0.1:{free_port}/"),
+        http_check(f"http://127.0.0.1:{silent}/", timeout="100ms", interval="1s"),
+    ]
+    for check in checks:  # warm up: the first probe on a loop sets up what later ones share
+        await probe(check)
+    before = open_descriptors()
+
+    outcomes = [await probe(check) for check in checks for _ in range(5)]
+
+    assert [o.success for o in outcomes] == [True] * 5 + [False] * 10
+    # The test's own servers still hold their side of the silent connections.
+    assert open_descriptors() <= before + 5
+
+
+async def test_a_finished_probe_leaves_no_reference_cycles(serve: Any, free_port: int) -> None:
+    """Probes are freed by reference counting as they finish: at thousands a second, a
+    cycle per probe would hand the garbage collector most of the agent's CPU."""
+    port = await serve(respond(OK))
+    checks = [http_check(f"http://127.0.0.1:{port}/"), http_check(f"http://127.0.0.1:{free_port}/")]
+    await probe(checks[0])
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for check in checks:
+            for _ in range(10):
+                await probe(check)
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith("agent.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import structlog
 
+from agent.probes.launch import Abort, Done, Launch
 from agent.scheduler import Assignment, Scheduler
 from vantage.checks import parse_check
-from vantage.results import FailureClass, ProbeOutcome, ProbeResult, TcpDetails
+from vantage.results import FailureClass, HttpDetails, ProbeOutcome, ProbeResult, TcpDetails
 from vantage.wire import AnyCheck
 
 
@@ -309,3 +310,136 @@ async def test_runs_beyond_max_in_flight_are_skipped_and_counted(until: Any) -> 
 def test_max_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
         scheduler_for(Probe(), asyncio.Queue(), max_in_flight=0)
+
+
+# Launched runs: probes that run on loop callbacks (agent.probes.launch)
+
+
+class Launcher:
+    """Stands in for a probe's launcher: records launches and aborts; answers UP on the
+    next loop turn, never (``answer=False``), or raises when launched (``broken``)."""
+
+    def __init__(self, *, answer: bool = True, broken: bool = False) -> None:
+        self.launched: list[str] = []
+        self.aborted: list[str] = []
+        self._answer = answer
+        self._broken = broken
+
+    def prepare(self, check: AnyCheck) -> Launch:
+        def launch(loop: asyncio.AbstractEventLoop, done: Done) -> Abort:
+            if self._broken:
+                raise RuntimeError("boom")
+            self.launched.append(check.name)
+            if self._answer:
+                loop.call_soon(done, UP)
+            return lambda: self.aborted.append(check.name)
+
+        return launch
+
+
+def launched_scheduler(
+    launcher: Launcher, outbox: asyncio.Queue[ProbeResult], **kwargs: Any
+) -> tuple[Scheduler, Probe]:
+    probe = Probe()  # the coroutine the launcher stands in for: must not be called
+    scheduler = Scheduler(
+        outbox,
+        agent="a",
+        region="r",
+        probes={"tcp": probe},
+        launchers={probe: launcher.prepare},
+        rng=NoJitter(),
+        **kwargs,
+    )
+    return scheduler, probe
+
+
+async def test_launched_runs_publish_without_a_task_per_run() -> None:
+    launcher = Launcher()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler, probe = launched_scheduler(launcher, outbox)
+    scheduler.apply(
+        True, assign(*(check(f"c{i}", interval="1s", timeout="500ms") for i in range(3)))
+    )
+
+    async with running(scheduler):
+        tasks = len(asyncio.all_tasks())
+        results = await take(outbox, 3)
+        assert len(asyncio.all_tasks()) == tasks
+
+    assert sorted(r.check for r in results) == ["c0", "c1", "c2"]
+    assert [r.seq for r in results] == [1, 2, 3]
+    assert all(r.success for r in results)
+    assert probe.calls == []
+
+
+async def test_launched_run_that_never_answers_is_cut_off_and_aborted() -> None:
+    launcher = Launcher(answer=False)
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler, _ = launched_scheduler(launcher, outbox, grace=0.05)
+    scheduler.apply(True, assign(check(timeout="100ms", interval="1s")))
+
+    async with running(scheduler):
+        [result] = await take(outbox, 1)
+
+    assert result.failure is FailureClass.TIMEOUT
+    assert result.outcome.message == "probe did not finish within its timeout of 100ms"
+    assert launcher.aborted == ["c"]
+
+
+async def test_removing_a_check_aborts_its_launched_run(until: Any) -> None:
+    launcher = Launcher(answer=False)
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler, _ = launched_scheduler(launcher, outbox)
+    scheduler.apply(True, assign(check("a", timeout="5s", interval="10s")))
+
+    async with running(scheduler):
+        await until(lambda: launcher.launched == ["a"])
+        scheduler.apply(True, [])
+        assert launcher.aborted == ["a"]
+        await asyncio.sleep(0.05)
+
+    assert outbox.empty()
+
+
+async def test_launch_that_raises_is_an_internal_result_and_logged() -> None:
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler, _ = launched_scheduler(Launcher(broken=True), outbox)
+    scheduler.apply(True, assign(check()))
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(scheduler):
+            [result] = await take(outbox, 1)
+
+    assert result.failure is FailureClass.INTERNAL
+    assert result.outcome.message == "probe failed: RuntimeError: boom"
+    assert any(e["log_level"] == "error" and e["check"] == "c" for e in logs)
+
+
+async def test_http_checks_run_through_the_real_launcher(serve: Any) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+
+    port = await serve(answer)
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = Scheduler(outbox, agent="a", region="r", rng=NoJitter())
+    web = parse_check(
+        {
+            "name": "web",
+            "type": "http",
+            "target": f"http://127.0.0.1:{port}/",
+            "interval": "1s",
+            "timeout": "500ms",
+        }
+    )
+    scheduler.apply(True, assign(web))
+
+    async with running(scheduler):
+        tasks = len(asyncio.all_tasks())
+        results = await take(outbox, 2)
+        assert len(asyncio.all_tasks()) == tasks
+
+    assert [r.success for r in results] == [True, True]
+    assert isinstance(results[0].outcome.details, HttpDetails)
+    assert results[0].outcome.details.status_code == 204
