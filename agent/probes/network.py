@@ -336,22 +336,25 @@ class _EpollWatcher:
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        registered = fd in self._readers or fd in self._writers
-        self._readers[fd] = callback
-        self._update(fd, registered)
+        self._add(self._readers, fd, callback)
 
     def remove_reader(self, fd: int) -> None:
         if self._readers.pop(fd, None) is not None:
             self._update(fd, True)
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        registered = fd in self._readers or fd in self._writers
-        self._writers[fd] = callback
-        self._update(fd, registered)
+        self._add(self._writers, fd, callback)
 
     def remove_writer(self, fd: int) -> None:
         if self._writers.pop(fd, None) is not None:
             self._update(fd, True)
+
+    def _add(
+        self, table: dict[int, Callable[[], None]], fd: int, callback: Callable[[], None]
+    ) -> None:
+        registered = fd in self._readers or fd in self._writers
+        table[fd] = callback
+        self._update(fd, registered)
 
     def _update(self, fd: int, registered: bool) -> None:
         mask = (select.EPOLLIN if fd in self._readers else 0) | (
