@@ -52,6 +52,8 @@ class EngineConfig(BaseModel):
     fail_after: int = Field(default=_ENGINE_DEFAULTS.fail_after, ge=1)
     recover_after: int = Field(default=_ENGINE_DEFAULTS.recover_after, ge=1)
     stale_intervals: float = Field(default=_ENGINE_DEFAULTS.stale_intervals, gt=0)
+    impaired_share: float = Field(default=_ENGINE_DEFAULTS.impaired_share, gt=0, lt=1)
+    impaired_min_checks: int = Field(default=_ENGINE_DEFAULTS.impaired_min_checks, ge=1)
 
     def settings(self) -> EngineSettings:
         return EngineSettings(**self.model_dump())

@@ -98,7 +98,7 @@ from dataclasses import dataclass
 from vantage.checks import AnyCheck
 from vantage.results import FailureClass, ProbeResult
 
-from .verdicts import RegionState, RegionView, Transition, Verdict, VerdictState
+from .verdicts import ProbeNow, RegionState, RegionView, Transition, Verdict, VerdictState
 
 # Agents named one by one in a ``local`` reason; the rest are summarised as "N more".
 _NAMED_AGENTS = 5
@@ -114,6 +114,8 @@ class EngineSettings:
     fail_after: int = 2
     recover_after: int = 2
     stale_intervals: float = 2.0
+    impaired_share: float = 0.5
+    impaired_min_checks: int = 3
 
     def __post_init__(self) -> None:
         for name in (
@@ -122,8 +124,12 @@ class EngineSettings:
             "min_region_agents",
             "fail_after",
             "recover_after",
+            "impaired_min_checks",
         ):
             _require_count(name, getattr(self, name))
+        share = self.impaired_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1:
+            raise ValueError(f"impaired_share must be a number between 0 and 1, got {share!r}")
         value = self.stale_intervals
         if (
             isinstance(value, bool)
@@ -142,7 +148,16 @@ def _require_count(name: str, value: object) -> None:
 class _Agent:
     """An agent the engine has heard of. Kept while disconnected until its views expire."""
 
-    __slots__ = ("checks", "connected", "last_observed", "name", "region")
+    __slots__ = (
+        "checks",
+        "connected",
+        "failing",
+        "impaired",
+        "last_observed",
+        "name",
+        "region",
+        "suspected",
+    )
 
     def __init__(self, name: str, region: str) -> None:
         self.name = name
@@ -150,6 +165,16 @@ class _Agent:
         self.connected = True
         self.checks: set[str] = set()  # checks this agent has a view of
         self.last_observed = -math.inf
+        self.failing = 0  # its views whose latest result failed
+        self.impaired = False
+        self.suspected = False  # suspect() as of the last _review
+
+    def suspect(self, settings: EngineSettings) -> bool:
+        """Failing enough of its checks that impairment is worth looking into."""
+        total = len(self.checks)
+        return (
+            total >= settings.impaired_min_checks and self.failing > settings.impaired_share * total
+        )
 
 
 class _View:
@@ -169,6 +194,11 @@ class _View:
     def forget(self) -> None:
         self.up = None
         self.run = 0
+
+    @property
+    def failing(self) -> bool:
+        """Its latest result (since it was last forgotten) is a failure."""
+        return self.run > 0 and not self.last_success
 
     def contribution(self) -> tuple[bool | None, FailureClass | None]:
         """What this (fresh) view adds to the verdict's evidence."""
@@ -265,6 +295,8 @@ class VerdictEngine:
         for name in [name for name in self._checks if name not in specs]:
             for view in self._checks.pop(name).views.values():
                 view.agent.checks.discard(name)
+                if view.failing:
+                    view.agent.failing -= 1
         transitions: list[Transition] = []
         for name in sorted(specs):
             spec = specs[name]
@@ -326,16 +358,23 @@ class VerdictEngine:
         now = self._clock()
         view = check.views.get(agent)
         before: tuple[bool | None, FailureClass | None] | None = None
+        was_failing = False
         if view is None:
             view = check.views[agent] = _View(member)
             member.checks.add(check.name)
-        elif view.observed_at + check.window < now:
-            view.forget()
         else:
-            before = view.contribution()
+            was_failing = view.failing
+            if view.observed_at + check.window < now:
+                view.forget()
+            else:
+                before = view.contribution()
         settings = self._settings
         view.fold(result, now, settings.fail_after, settings.recover_after)
         member.last_observed = now
+        transitions: list[Transition] = []
+        if view.failing != was_failing:
+            member.failing += 1 if view.failing else -1
+            transitions += self._review(member, now, crossing=True)
         # The steady state: this agent still says what it said, and nobody has gone stale
         # since the last evaluation, so the stored verdict and evidence are still exact.
         if (
@@ -343,8 +382,7 @@ class VerdictEngine:
             and before == view.contribution()
             and (now <= check.next_expiry or not self._went_stale(check, now))
         ):
-            return []
-        transitions: list[Transition] = []
+            return transitions
         self._collect(transitions, check, now)
         return transitions
 
@@ -353,6 +391,8 @@ class VerdictEngine:
         and forget disconnected agents whose views have all expired."""
         now = self._clock()
         transitions: list[Transition] = []
+        for member in [m for m in self._agents.values() if m.impaired or m.suspect(self._settings)]:
+            transitions += self._review(member, now, crossing=False)
         for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
             check = self._checks[name]
             if self._went_stale(check, now):
@@ -373,14 +413,73 @@ class VerdictEngine:
         state = self._checks.get(check)
         return state.verdict if state is not None else None
 
+    def take_requests(self) -> list[ProbeNow]:
+        """Out-of-schedule probes the engine wants since the last call (and forgets them):
+        the caller asks those agents to probe those checks now; their results come back
+        through ``observe`` like any other."""
+        return []
+
+    def impaired(self) -> frozenset[str]:
+        """Connected agents judged impaired: their failures are their own, not the
+        targets' (see the module docstring), as of the last call that changed inputs."""
+        return frozenset(m.name for m in self._agents.values() if m.impaired and m.connected)
+
     def verdicts(self) -> list[Verdict]:
         """Every check's current verdict, sorted by check name."""
         return [self._checks[name].verdict for name in sorted(self._checks)]
 
+    # -- agent health --------------------------------------------------------------------
+
+    def _review(self, member: _Agent, now: float, *, crossing: bool) -> list[Transition]:
+        """Decide again whether ``member`` is impaired; re-evaluate its checks if that
+        changed.
+
+        Cheap unless it matters: an agent that is not suspect (failing at most
+        ``impaired_share`` of its checks) is never impaired, which needs no look at its
+        peers. The look (linear in its checks) happens when an agent becomes suspect
+        (``crossing``: called as its failing count moved) and on every ``tick()`` while
+        it is suspect or impaired, which notices peers changing their minds.
+        """
+        settings = self._settings
+        suspect = member.suspect(settings)
+        if crossing and suspect and member.suspected:
+            return []  # looked when it became suspect; the next tick() looks again
+        member.suspected = suspect
+        if not suspect:
+            impaired = False
+        else:
+            blamed = sum(1 for name in member.checks if self._blames(self._checks[name], member))
+            impaired = blamed > settings.impaired_share * len(member.checks)
+        if impaired is member.impaired:
+            return []
+        member.impaired = impaired
+        return self._refresh_all(member.checks, now)
+
+    def _blames(self, check: _Check, member: _Agent) -> bool:
+        """Whether ``member`` fails ``check`` while a peer sees it work: another healthy
+        connected agent of its region whose latest result succeeded, or, when no other
+        agent of its region has a view of the check, of any region."""
+        view = check.views[member.name]
+        if not view.failing:
+            return False
+        region_peers = False
+        elsewhere = False
+        for other in check.views.values():
+            peer = other.agent
+            if peer is member or not peer.connected or peer.impaired:
+                continue
+            same = peer.region == member.region
+            region_peers = region_peers or same
+            if other.run > 0 and other.last_success:
+                if same:
+                    return True
+                elsewhere = True
+        return elsewhere and not region_peers
+
     # -- evaluation ----------------------------------------------------------------------
 
-    def _refresh_all(self, names: Iterable[str]) -> list[Transition]:
-        now = self._clock()
+    def _refresh_all(self, names: Iterable[str], now: float | None = None) -> list[Transition]:
+        now = self._clock() if now is None else now
         transitions: list[Transition] = []
         for name in sorted(names):
             self._collect(transitions, self._checks[name], now)
@@ -439,9 +538,13 @@ class VerdictEngine:
         settings = self._settings
         tallies: dict[str, _Tally] = {}
         next_expiry = math.inf
+        impaired: list[str] = []
         for name, view in check.views.items():
             member = view.agent
             if not member.connected:
+                continue
+            if member.impaired:
+                impaired.append(name)
                 continue
             tally = tallies.get(member.region)
             if tally is None:
@@ -485,6 +588,8 @@ class VerdictEngine:
             stale += tally.stale
         failing.sort()
         state, reason = self._classify(regions, counted, stale, failing)
+        if impaired:
+            reason = f"{reason}; impaired, not counted: {', '.join(sorted(impaired))}"
         return _Evaluation(
             state=state,
             regions=regions,

@@ -60,3 +60,12 @@ class Transition:
     previous: VerdictState | None
     verdict: Verdict
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeNow:
+    """The engine asks ``agents`` to probe ``check`` at once, out of schedule: a second
+    opinion while a check's state wavers (the coordinator sends it over their streams)."""
+
+    check: str
+    agents: tuple[str, ...]

@@ -731,3 +731,83 @@ def test_invariants_hold_under_any_sequence_of_events(
                     for (agent, name), at in last_seen.items()
                     if name == verdict.check
                 )
+
+
+# Agent health
+
+
+def reason_of(engine: VerdictEngine, name: str) -> str:
+    current = engine.verdict(name)
+    assert current is not None
+    return current.reason
+
+
+def test_agent_failing_every_check_while_its_peers_see_them_up_is_impaired() -> None:
+    clock = FakeClock()
+    names = ("web", "shop", "api")
+    engine = engine_with_fleet(clock, checks=names)
+    for name in names:
+        report(engine, name=name)
+    assert all(state(engine, name) is VerdictState.UP for name in names)
+
+    transitions: list[Transition] = []
+    for _ in range(3):
+        clock.advance(30)
+        for name in names:
+            transitions += report(engine, {"us-1": FailureClass.CONNECT_TIMEOUT}, name=name)
+
+    assert engine.impaired() == {"us-1"}
+    assert all(state(engine, name) is VerdictState.UP for name in names)
+    assert "impaired, not counted: us-1" in reason_of(engine, "web")
+    assert all(t.verdict.state in (VerdictState.UP, VerdictState.LOCAL) for t in transitions)
+
+    for _ in range(2):
+        clock.advance(30)
+        for name in names:
+            report(engine, name=name)
+    assert engine.impaired() == frozenset()
+    assert "impaired" not in reason_of(engine, "web")
+
+
+def test_a_whole_region_failing_everything_is_regional_not_impaired() -> None:
+    clock = FakeClock()
+    names = ("web", "shop", "api")
+    engine = engine_with_fleet(clock, checks=names)
+    down = {"eu-1": FailureClass.CONNECT_TIMEOUT, "eu-2": FailureClass.CONNECT_TIMEOUT}
+    for _ in range(3):
+        for name in names:
+            report(engine, down, name=name)
+        engine.tick()
+        clock.advance(30)
+
+    assert engine.impaired() == frozenset()
+    assert all(state(engine, name) is VerdictState.REGIONAL for name in names)
+
+
+def test_an_agent_alone_in_its_region_is_judged_against_the_other_regions() -> None:
+    clock = FakeClock()
+    names = ("web", "shop", "api")
+    engine = VerdictEngine(EngineSettings(), clock)
+    engine.set_checks(check(name) for name in names)
+    fleet = {"eu-1": "eu", "us-1": "us", "ap-1": "ap"}
+    for agent, region in fleet.items():
+        engine.agent_connected(agent, region)
+    for _ in range(3):
+        for name in names:
+            report(engine, {"ap-1": FailureClass.CONNECT_TIMEOUT}, agents=fleet, name=name)
+        clock.advance(30)
+
+    assert engine.impaired() == {"ap-1"}
+    # Two healthy agents are too few for a verdict (min_agents 3): unknown, not regional.
+    assert all(state(engine, name) is VerdictState.UNKNOWN for name in names)
+
+
+def test_an_agent_with_too_few_checks_is_never_impaired() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, checks=("web", "shop"))
+    for _ in range(3):
+        for name in ("web", "shop"):
+            report(engine, {"us-1": FailureClass.CONNECT_TIMEOUT}, name=name)
+        clock.advance(30)
+    assert engine.impaired() == frozenset()
+    assert state(engine, "web") is VerdictState.LOCAL
