@@ -54,6 +54,8 @@ class EngineConfig(BaseModel):
     stale_intervals: float = Field(default=_ENGINE_DEFAULTS.stale_intervals, gt=0)
     impaired_share: float = Field(default=_ENGINE_DEFAULTS.impaired_share, gt=0, lt=1)
     impaired_min_checks: int = Field(default=_ENGINE_DEFAULTS.impaired_min_checks, ge=1)
+    second_opinion: bool = _ENGINE_DEFAULTS.second_opinion
+    second_opinion_slack: float = Field(default=_ENGINE_DEFAULTS.second_opinion_slack, ge=0)
 
     def settings(self) -> EngineSettings:
         return EngineSettings(**self.model_dump())

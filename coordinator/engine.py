@@ -24,9 +24,10 @@ How a verdict is reached (v1)
    its first (old evidence does not carry hysteresis across a gap).
 
 3. **Regions.** Among a region's fresh agents with a confirmed view (the *counted*
-   agents), the region is ``down`` when strictly more than half of them are down and
-   there are at least ``min_region_agents``; ``up`` when there are enough and it is not
-   down; ``unknown`` otherwise. A fresh agent whose view is not confirmed yet (one failure
+   agents), the region is ``down`` when strictly more than half of them are down and at
+   least ``min_region_agents`` of them are down (so an agent that sees the check up never
+   tips a region into down); ``up`` when there are at least ``min_region_agents`` and it
+   is not down; ``unknown`` otherwise. A fresh agent whose view is not confirmed yet (one failure
    so far, say) is not counted, and not stale either. ``failure`` is the most common
    failure class among the region's down agents; a tie goes to the class whose name sorts
    first, so every coordinator replica names the same class whatever order results
@@ -116,6 +117,8 @@ class EngineSettings:
     stale_intervals: float = 2.0
     impaired_share: float = 0.5
     impaired_min_checks: int = 3
+    second_opinion: bool = True
+    second_opinion_slack: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -127,6 +130,9 @@ class EngineSettings:
             "impaired_min_checks",
         ):
             _require_count(name, getattr(self, name))
+        slack = self.second_opinion_slack
+        if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
+            raise ValueError(f"second_opinion_slack must be a number of seconds, got {slack!r}")
         share = self.impaired_share
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1:
             raise ValueError(f"impaired_share must be a number between 0 and 1, got {share!r}")
@@ -200,6 +206,13 @@ class _View:
         """Its latest result (since it was last forgotten) is a failure."""
         return self.run > 0 and not self.last_success
 
+    @property
+    def wavering(self) -> bool:
+        """Its latest result disagrees with its confirmed state (or there is none yet)."""
+        if self.run == 0:
+            return False
+        return self.up is not self.last_success
+
     def contribution(self) -> tuple[bool | None, FailureClass | None]:
         """What this (fresh) view adds to the verdict's evidence."""
         return (self.up, self.failure if self.up is False else None)
@@ -225,11 +238,28 @@ class _View:
 
 
 class _Check:
-    __slots__ = ("name", "next_expiry", "stale", "verdict", "views", "window")
+    __slots__ = (
+        "name",
+        "next_expiry",
+        "pending",
+        "round_deadline",
+        "rounds",
+        "stale",
+        "timeout",
+        "verdict",
+        "views",
+        "window",
+    )
 
-    def __init__(self, name: str, window: float, verdict: Verdict) -> None:
+    def __init__(self, name: str, window: float, timeout: float, verdict: Verdict) -> None:
         self.name = name
         self.window = window  # staleness window, seconds
+        self.timeout = timeout  # the probe's, seconds: how long a second opinion takes
+        # A round of second opinions in progress: the agents asked and not heard from
+        # since, until the deadline; rounds asked since the check last settled.
+        self.pending: set[str] = set()
+        self.round_deadline = -math.inf
+        self.rounds = 0
         self.views: dict[str, _View] = {}
         self.verdict = verdict
         # When the first fresh view of a connected agent goes stale, as of the last
@@ -274,6 +304,7 @@ class VerdictEngine:
         self._checks: dict[str, _Check] = {}
         self._agents: dict[str, _Agent] = {}
         self._longest_window = 0.0
+        self._requests: list[ProbeNow] = []
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -304,11 +335,12 @@ class VerdictEngine:
             check = self._checks.get(name)
             if check is None:
                 first = Verdict(name, VerdictState.UNKNOWN, now)
-                check = self._checks[name] = _Check(name, window, first)
+                check = self._checks[name] = _Check(name, window, spec.timeout, first)
                 self._refresh(check, now)
             elif window != check.window:
                 check.window = window
                 self._collect(transitions, check, now)
+            check.timeout = spec.timeout
         self._longest_window = max((check.window for check in self._checks.values()), default=0.0)
         return transitions
 
@@ -375,6 +407,17 @@ class VerdictEngine:
         if view.failing != was_failing:
             member.failing += 1 if view.failing else -1
             transitions += self._review(member, now, crossing=True)
+        if settings.second_opinion:
+            ended = self._second_opinion(check, view, now)
+            if check.pending:
+                if now <= check.next_expiry or not self._went_stale(check, now):
+                    return transitions  # the verdict waits for the round
+                check.pending.clear()  # who counts has changed: the round is moot
+                check.rounds = 0
+                ended = True
+            if ended:
+                self._collect(transitions, check, now)
+                return transitions
         # The steady state: this agent still says what it said, and nobody has gone stale
         # since the last evaluation, so the stored verdict and evidence are still exact.
         if (
@@ -391,11 +434,19 @@ class VerdictEngine:
         and forget disconnected agents whose views have all expired."""
         now = self._clock()
         transitions: list[Transition] = []
+        for name in sorted(
+            n for n, c in self._checks.items() if c.pending and c.round_deadline < now
+        ):
+            check = self._checks[name]
+            self._end_round(check, now)
+            self._collect(transitions, check, now)
         for member in [m for m in self._agents.values() if m.impaired or m.suspect(self._settings)]:
             transitions += self._review(member, now, crossing=False)
         for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
             check = self._checks[name]
             if self._went_stale(check, now):
+                check.pending.clear()  # who counts has changed: the round is moot
+                check.rounds = 0
                 self._collect(transitions, check, now)
         horizon = now - self._longest_window
         for member in [m for m in self._agents.values() if not m.connected]:
@@ -417,7 +468,8 @@ class VerdictEngine:
         """Out-of-schedule probes the engine wants since the last call (and forgets them):
         the caller asks those agents to probe those checks now; their results come back
         through ``observe`` like any other."""
-        return []
+        requests, self._requests = self._requests, []
+        return requests
 
     def impaired(self) -> frozenset[str]:
         """Connected agents judged impaired: their failures are their own, not the
@@ -427,6 +479,43 @@ class VerdictEngine:
     def verdicts(self) -> list[Verdict]:
         """Every check's current verdict, sorted by check name."""
         return [self._checks[name].verdict for name in sorted(self._checks)]
+
+    # -- second opinions ------------------------------------------------------------------
+
+    def _second_opinion(self, check: _Check, view: _View, now: float) -> bool:
+        """Start, follow or end ``check``'s round of second opinions after ``view``'s
+        agent reported. True when a round ended just now (re-evaluate)."""
+        if check.pending:
+            check.pending.discard(view.agent.name)
+            if check.pending and now <= check.round_deadline:
+                return False
+            self._end_round(check, now)
+            return not check.pending
+        if check.rounds == 0 and view.wavering and not view.agent.impaired:
+            # Something changed somewhere: every healthy agent looks again at once.
+            self._ask(check, [v for v in check.views.values() if _counts(v, check, now)], now)
+        return False
+
+    def _end_round(self, check: _Check, now: float) -> None:
+        """The round is in (or out of time): ask again those still wavering, up to the
+        views' confirmation counts; otherwise the check has settled."""
+        check.pending.clear()
+        settings = self._settings
+        if check.rounds < max(settings.fail_after, settings.recover_after):
+            wavering = [v for v in check.views.values() if _counts(v, check, now) and v.wavering]
+            if wavering:
+                self._ask(check, wavering, now)
+                return
+        check.rounds = 0
+
+    def _ask(self, check: _Check, views: list[_View], now: float) -> None:
+        agents = tuple(sorted(view.agent.name for view in views))
+        if not agents:
+            return
+        check.pending = set(agents)
+        check.round_deadline = now + check.timeout + self._settings.second_opinion_slack
+        check.rounds += 1
+        self._requests.append(ProbeNow(check.name, agents))
 
     # -- agent health --------------------------------------------------------------------
 
@@ -479,10 +568,16 @@ class VerdictEngine:
     # -- evaluation ----------------------------------------------------------------------
 
     def _refresh_all(self, names: Iterable[str], now: float | None = None) -> list[Transition]:
+        """Re-evaluate ``names`` after a change to who counts (an agent connected, left,
+        became impaired or healthy). Such a change also ends a round of second opinions:
+        the agents asked are no longer the ones that count."""
         now = self._clock() if now is None else now
         transitions: list[Transition] = []
         for name in sorted(names):
-            self._collect(transitions, self._checks[name], now)
+            check = self._checks[name]
+            check.pending.clear()
+            check.rounds = 0
+            self._collect(transitions, check, now)
         return transitions
 
     def _collect(self, transitions: list[Transition], check: _Check, now: float) -> None:
@@ -491,7 +586,12 @@ class VerdictEngine:
             transitions.append(transition)
 
     def _refresh(self, check: _Check, now: float) -> Transition | None:
-        """Re-evaluate one check and store its verdict; the transition if the state moved."""
+        """Re-evaluate one check and store its verdict; the transition if the state moved.
+
+        Nothing while a round of second opinions is out: the verdict waits for them.
+        """
+        if check.pending:
+            return None
         evaluation = self._evaluate(check, now)
         check.next_expiry = evaluation.next_expiry
         check.stale = evaluation.stale
@@ -569,12 +669,15 @@ class VerdictEngine:
             tally.failing.sort()
             down = len(tally.failing)
             members = tally.up + down
-            if members < settings.min_region_agents:
-                region_state = RegionState.UNKNOWN
-            elif 2 * down > members:
-                region_state = RegionState.DOWN
-            else:
+            # Down takes a majority *and* enough down agents: an agent that sees the
+            # check up must never be what tips a region into down.
+            if 2 * down > members:
+                enough = down >= settings.min_region_agents
+                region_state = RegionState.DOWN if enough else RegionState.UNKNOWN
+            elif members >= settings.min_region_agents:
                 region_state = RegionState.UP
+            else:
+                region_state = RegionState.UNKNOWN
             regions[region] = RegionView(
                 state=region_state,
                 up=tally.up,
@@ -660,6 +763,12 @@ class VerdictEngine:
             VerdictState.UP,
             f"up from {counted}/{counted} agents in {known} {_plural(known, 'region')}",
         )
+
+
+def _counts(view: _View, check: _Check, now: float) -> bool:
+    """Whether ``view`` is fresh and its agent healthy: one whose opinion counts."""
+    agent = view.agent
+    return agent.connected and not agent.impaired and view.observed_at + check.window >= now
 
 
 def _dominant(failing: list[tuple[str, FailureClass | None]]) -> FailureClass | None:

@@ -56,6 +56,9 @@ def result(name: str, failure: FailureClass | None = None, at: float = T0) -> Pr
 def engine_with_fleet(
     clock: FakeClock, checks: tuple[str, ...] = ("web",), **overrides: Any
 ) -> VerdictEngine:
+    # Rounds of second opinions hold verdicts until every agent asked has reported; tests
+    # of how views add up to a verdict turn them off, and the tests of rounds turn them on.
+    overrides.setdefault("second_opinion", False)
     engine = VerdictEngine(EngineSettings(**overrides), clock)
     engine.set_checks(check(name) for name in checks)
     for agent, region in FLEET.items():
@@ -108,7 +111,7 @@ def test_three_regions_of_two_agents_seeing_it_work_make_it_up() -> None:
 
 def test_global_needs_fail_after_rounds_not_one() -> None:
     clock = FakeClock()
-    engine = engine_with_fleet(clock)
+    engine = engine_with_fleet(clock, second_opinion=True)
     report(engine)
     everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
 
@@ -119,11 +122,16 @@ def test_global_needs_fail_after_rounds_not_one() -> None:
     clock.advance(30)
     transitions = report(engine, everyone_refused)
 
-    # Results are folded one at a time, so the verdict escalates as agents confirm.
+    # The first failures started a round of second opinions: the verdict waits for every
+    # agent and goes to global at once, not through local and regional.
     assert [(t.previous, t.verdict.state) for t in transitions] == [
-        (VerdictState.UP, VerdictState.LOCAL),  # eu-1
-        (VerdictState.LOCAL, VerdictState.REGIONAL),  # eu-2: eu is down
-        (VerdictState.REGIONAL, VerdictState.GLOBAL),  # ap-2: the last region is down
+        (VerdictState.UP, VerdictState.GLOBAL)
+    ]
+    # eu-1's first failure asked everyone, itself included; the round ended with eu-1's
+    # next result, and the agents still on one failure were asked again.
+    assert [r.agents for r in engine.take_requests()] == [
+        tuple(sorted(FLEET)),
+        tuple(sorted(set(FLEET) - {"eu-1"})),
     ]
     verdict = engine.verdict("web")
     assert verdict is not None
@@ -161,14 +169,14 @@ def test_one_failing_agent_is_local() -> None:
 
 def test_a_whole_region_failing_is_regional() -> None:
     clock = FakeClock()
-    engine = engine_with_fleet(clock)
+    engine = engine_with_fleet(clock, second_opinion=True)
     report(engine)
     eu_times_out = {"eu-1": FailureClass.CONNECT_TIMEOUT, "eu-2": FailureClass.CONNECT_TIMEOUT}
 
     report(engine, eu_times_out)
     transitions = report(engine, eu_times_out)
 
-    assert [t.verdict.state for t in transitions] == [VerdictState.LOCAL, VerdictState.REGIONAL]
+    assert [t.verdict.state for t in transitions] == [VerdictState.REGIONAL]
     verdict = engine.verdict("web")
     assert verdict is not None
     assert verdict.regions_down == ("eu",)
@@ -180,7 +188,7 @@ def test_a_whole_region_failing_is_regional() -> None:
 
 def test_recovery_needs_recover_after_successes_in_a_row() -> None:
     clock = FakeClock()
-    engine = engine_with_fleet(clock, recover_after=3)
+    engine = engine_with_fleet(clock, recover_after=3, second_opinion=True)
     report(engine)
     everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
     report(engine, everyone_refused)
@@ -195,10 +203,9 @@ def test_recovery_needs_recover_after_successes_in_a_row() -> None:
     assert state(engine) is VerdictState.GLOBAL
     transitions = report(engine)
 
+    # Held for the round the first success started: straight back to up.
     assert [(t.previous, t.verdict.state) for t in transitions] == [
-        (VerdictState.GLOBAL, VerdictState.REGIONAL),  # eu-1: eu is up again
-        (VerdictState.REGIONAL, VerdictState.LOCAL),  # ap-1: no region is down
-        (VerdictState.LOCAL, VerdictState.UP),  # ap-2
+        (VerdictState.GLOBAL, VerdictState.UP)
     ]
 
 
@@ -547,6 +554,7 @@ engine_settings = st.builds(
     fail_after=st.integers(1, 3),
     recover_after=st.integers(1, 3),
     stale_intervals=st.sampled_from([1.0, 2.0]),
+    second_opinion=st.booleans(),
 )
 # An agent of a generated fleet: its region and what it ends up saying about the check.
 agent_views = st.tuples(
@@ -704,6 +712,8 @@ def test_invariants_hold_under_any_sequence_of_events(
             internal = engine._checks[verdict.check]
             if clock.now > internal.next_expiry:
                 continue  # a view went stale since the last evaluation; tick() will see it
+            if internal.pending:
+                continue  # a round of second opinions holds the verdict until it is in
             # No view has expired since the last evaluation, so the stored verdict must be
             # exactly what the views support now: observe()'s shortcut and tick()'s
             # due-list skipped nothing they should not have.
