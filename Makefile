@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto proto-check lock system-deps bench bench-deps clean help
+.PHONY: run test lint proto proto-check lock system-deps bench bench-deps bench-verdict clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -50,6 +50,9 @@ bench-deps:  ## install the Debian packages the benchmark needs
 BENCH_ARGS ?=
 bench: $(VENV)/.installed bench-deps  ## HTTP probes/s: one agent + coordinator vs blackbox_exporter
 	$(PY) tests/bench/bench_http.py $(BENCH_ARGS)
+
+bench-verdict: $(VENV)/.installed  ## verdict engine scores from the seeded simulator (writes docs/verdict-scores.md)
+	$(PY) tests/bench/bench_verdict.py $(BENCH_ARGS)
 
 run: $(VENV)/.installed  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh

@@ -127,6 +127,7 @@ class Agent:
             token=settings.token,
             outbox=self.outbox,
             apply=self.scheduler.apply,
+            run_now=self.scheduler.run_now,
             capabilities=tuple(probes),
             buffer_size=settings.buffer_size,
             batch_size=settings.batch_size,

@@ -10,7 +10,8 @@ agent for good (``FatalError``). Each stream goes:
    heartbeat interval, then send every result still unacknowledged, oldest first;
 3. then, concurrently: send ``ResultBatch``es (up to ``batch_size`` results, or whatever
    arrived within ``batch_interval``) and a ``Heartbeat`` when idle for the heartbeat
-   interval; apply ``Assignments`` to the scheduler; forget acknowledged results. The
+   interval; apply ``Assignments`` to the scheduler; hand a ``Recheck``'s names to the
+   scheduler to probe at once (``run_now``); forget acknowledged results. The
    coordinator acknowledges every batch and answers every heartbeat: one left unanswered
    for ``reply_timeout`` means the coordinator went silent, and the stream is abandoned.
 
@@ -33,7 +34,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NoReturn
 
 import grpc
@@ -52,10 +53,17 @@ from .errors import FatalError, TransientError, most_severe
 from .probes import PROBES
 from .scheduler import Assignment
 
-__all__ = ["ApplyAssignments", "CoordinatorLink", "FatalError", "TransientError"]
+__all__ = ["ApplyAssignments", "CoordinatorLink", "FatalError", "RunNow", "TransientError"]
 
 ApplyAssignments = Callable[[bool, Sequence[Assignment], Sequence[str]], None]
 """Receives each assignment message: (full, checks, removed); ``Scheduler.apply``."""
+
+RunNow = Callable[[Iterable[str]], int]
+"""Receives each Recheck's check names, validated; returns how many runs it started;
+``Scheduler.run_now``."""
+
+# Longest check name worth logging from a message the link refuses.
+_LOGGED_NAME = 128
 
 _Call = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]
 
@@ -82,6 +90,7 @@ class CoordinatorLink:
         token: str,
         outbox: asyncio.Queue[ProbeResult],
         apply: ApplyAssignments,
+        run_now: RunNow,
         instance_id: str | None = None,
         capabilities: Sequence[str] = tuple(PROBES),
         buffer_size: int = 100_000,
@@ -99,6 +108,9 @@ class CoordinatorLink:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._outbox = outbox
         self._apply = apply
+        self._run_now = run_now
+        # Names assigned on the current stream: bounds what a Recheck may name.
+        self._assigned: set[str] = set()
         self.instance_id = instance_id or uuid.uuid4().hex
         self._hello = agent_pb2.Hello(
             name=name,
@@ -176,6 +188,7 @@ class CoordinatorLink:
         """One stream, from dialling to its end, which is always an error."""
         self._welcomed_at = None
         self._awaiting_since = None
+        self._assigned.clear()  # each stream starts with a full set
         async with grpc.aio.insecure_channel(self._target) as channel:
             call: _Call = AgentServiceStub(channel).Connect(None, metadata=self._metadata)
             try:
@@ -235,6 +248,8 @@ class CoordinatorLink:
                 self._buffer.ack(message.ack.seq)
             elif kind == "assignments":
                 self._on_assignments(message.assignments)
+            elif kind == "recheck":
+                self._on_recheck(message.recheck)
             elif kind == "heartbeat":
                 pass  # hearing anything is what counts
             elif kind == "welcome":
@@ -267,7 +282,35 @@ class CoordinatorLink:
         self._log.info(
             "assignments received", full=message.full, checks=len(checks), removed=len(removed)
         )
+        if message.full:
+            self._assigned = {assignment.name for assignment in checks}
+        else:
+            self._assigned.difference_update(removed)
+            self._assigned.update(assignment.name for assignment in checks)
         self._apply(message.full, checks, removed)
+
+    def _on_recheck(self, message: agent_pb2.Recheck) -> None:
+        """Probe the named checks now. The coordinator names each check once and only
+        checks it assigned, so a message naming more checks than are assigned is refused
+        whole (a warning) before anything looks at the names; names not assigned are
+        ignored."""
+        names = message.checks
+        if len(names) > len(self._assigned):
+            self._log.warning(
+                "recheck refused: it names more checks than are assigned",
+                names=len(names),
+                assigned=len(self._assigned),
+                first=names[0][:_LOGGED_NAME],
+            )
+            return
+        wanted = [name for name in names if name in self._assigned]
+        started = self._run_now(wanted)
+        self._log.debug(
+            "recheck received",
+            checks=len(names),
+            not_assigned=len(names) - len(wanted),
+            started=started,
+        )
 
     async def _send(self, call: _Call) -> None:
         loop = asyncio.get_running_loop()

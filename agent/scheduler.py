@@ -22,6 +22,9 @@ agent's task group; cancelling it stops every check:
   (``skipped``), with a warning at most every ``SKIP_LOG_PERIOD``. Past the machine's
   capacity this keeps the probes that do run honest instead of letting every one of them
   time out in a saturated event loop.
+- Out of schedule: ``run_now`` (a second opinion the coordinator asked for) starts one
+  extra run of each named check at once, unless its previous run is still in flight. The
+  grid stays where it is, and the same admission control applies.
 - Results get the next sequence number of this scheduler (1, 2, 3, ...) when they enter
   the outbox, so the outbox, the link's buffer and the stream all carry them in sequence
   order: the coordinator's "everything at or below N" acknowledgements rely on that. When
@@ -176,6 +179,26 @@ class Scheduler:
             slot = self._slots[name] = _Slot(assignment, probe, launch)
             self._start(slot)
 
+    def run_now(self, names: Iterable[str]) -> int:
+        """Start one run of each named check at once, out of schedule; returns how many
+        runs started.
+
+        A check whose previous run is still in flight is left to it; a name not assigned
+        is ignored, and so is a name given twice. The check's grid does not move: its next
+        run stays due when it was. Runs beyond ``max_in_flight`` are skipped and counted
+        like scheduled ones. Before ``run`` has started, nothing runs.
+        """
+        loop = self._loop
+        if loop is None or self._timeline is None:
+            return 0
+        now = loop.time()
+        started = 0
+        for name in dict.fromkeys(names):
+            slot = self._slots.get(name)
+            if slot is not None and slot.run is None and self._launch(slot, now):
+                started += 1
+        return started
+
     async def run(self) -> None:
         """Run the assigned checks until cancelled; then every run in flight is stopped
         (and its task awaited) before this returns (by raising CancelledError)."""
@@ -238,9 +261,17 @@ class Scheduler:
             if self._debug:
                 self._log.debug("run overran its slot", check=check.name)
             return
+        self._launch(slot, now)
+
+    def _launch(self, slot: _Slot, now: float) -> bool:
+        """Start a run of ``slot``'s check, which has none in flight, if admission
+        control lets it (otherwise it is skipped and counted); True when it started."""
         if len(self._running) >= self._max_in_flight:
             self._skip(slot, now)
-            return
+            return False
+        loop = self._loop
+        assert loop is not None
+        check = slot.assignment.check
         run = slot.run = _Run(slot, now + check.timeout + self._grace)
         self._running[run] = None
         if slot.launch is not None:
@@ -252,6 +283,7 @@ class Scheduler:
         else:
             assert self._group is not None
             run.task = self._group.create_task(self._run_probe(run), name=f"check {check.name}")
+        return True
 
     async def _run_probe(self, run: _Run) -> None:
         """A run of a probe without a launcher, in its own task."""

@@ -13,7 +13,8 @@ Lifecycle of a ``Connect`` stream, as the coordinator runs it:
    ABORTED) and the engine, and is sent Welcome and its full assignments.
 4. Then, in any order: a ResultBatch is folded into the engine and acknowledged with the
    highest sequence number handled; a Heartbeat is answered; check set changes are pushed
-   as incremental Assignments.
+   as incremental Assignments; second opinions the engine asks for are sent as Recheck
+   (see ``send_rechecks``).
 5. The stream ends when the agent closes it, is silent for ``SILENCE_HEARTBEATS``
    heartbeat intervals (UNAVAILABLE), is replaced (ABORTED), stops reading so that its
    outbox fills (RESOURCE_EXHAUSTED), or the server stops. Whatever the cause, the agent
@@ -131,6 +132,9 @@ class _AgentStream:
             )
         )
 
+    def recheck(self, checks: Sequence[str]) -> None:
+        self.send(agent_pb2.CoordinatorMessage(recheck=agent_pb2.Recheck(checks=checks)))
+
     def end(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.ABORTED) -> None:
         if self._ending is not None:
             return
@@ -186,6 +190,40 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if change:
             for link in self._fleet.links():
                 link.assign(change)
+
+    def send_rechecks(self) -> None:
+        """Send the second opinions the engine asked for since the last call (never
+        blocks): each connected agent asked gets one Recheck naming every check asked of
+        it, each once. Agents no longer connected are skipped.
+
+        Any engine call may ask (``observe``, ``tick``, ``agent_connected``,
+        ``agent_disconnected``, ``set_checks``), so whoever makes one calls this after it.
+        """
+        requests = self._engine.take_requests()
+        if not requests:
+            return
+        asked: dict[str, dict[str, None]] = {}  # agent -> its checks, in order, once each
+        for request in requests:
+            for agent in request.agents:
+                asked.setdefault(agent, {})[request.check] = None
+        probes = 0
+        not_connected: list[str] = []
+        for agent, checks in asked.items():
+            link = self._fleet.link(agent)
+            if link is None:
+                not_connected.append(agent)
+                continue
+            link.recheck(list(checks))
+            probes += len(checks)
+        if probes:
+            self._metrics.rechecks_requested(probes)
+        log.debug(
+            "second opinions asked",
+            checks=len({request.check for request in requests}),
+            agents=len(asked) - len(not_connected),
+            probes=probes,
+            not_connected=not_connected,
+        )
 
     async def Connect(  # type: ignore[override]  # a coroutine writing via context.write
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Context
@@ -281,6 +319,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 )
             )
             stream.assign_all()
+            self.send_rechecks()  # after Welcome: an agent hears nothing before it
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._receive(hello, messages, stream, stream_log))
@@ -299,6 +338,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     agent=hello.name,
                     region=hello.region,
                 )
+                self.send_rechecks()
                 stream_log.info(
                     "agent disconnected", why=ending.details if ending else "stream cancelled"
                 )
@@ -334,6 +374,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             if kind == "results":
                 seq = self._ingest(hello, message.results.results, stream_log)
                 stream.send(agent_pb2.CoordinatorMessage(ack=agent_pb2.ResultAck(seq=seq)))
+                self.send_rechecks()
             elif kind == "heartbeat":
                 now_us = round(self._clock() * _US)
                 stream.send(

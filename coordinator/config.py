@@ -56,6 +56,9 @@ class EngineConfig(BaseModel):
     impaired_min_checks: int = Field(default=_ENGINE_DEFAULTS.impaired_min_checks, ge=1)
     second_opinion: bool = _ENGINE_DEFAULTS.second_opinion
     second_opinion_slack: float = Field(default=_ENGINE_DEFAULTS.second_opinion_slack, ge=0)
+    adaptive_confirmation: bool = _ENGINE_DEFAULTS.adaptive_confirmation
+    max_false_down: float = Field(default=_ENGINE_DEFAULTS.max_false_down, gt=0, lt=1)
+    loss_memory: int = Field(default=_ENGINE_DEFAULTS.loss_memory, ge=1)
 
     def settings(self) -> EngineSettings:
         return EngineSettings(**self.model_dump())

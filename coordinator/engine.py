@@ -5,17 +5,40 @@ A pure module: no I/O, no protobuf, no asyncio. Time comes from an injected cloc
 coordinator feeds it the fleet's connects and disconnects, the check set and every result,
 calls ``tick()`` about once a second, and publishes the transitions it returns.
 
-How a verdict is reached (v1)
------------------------------
+How a verdict is reached
+------------------------
 
-1. **Each agent's view of a check** (hysteresis). An agent has no view of a check until
-   its first result. From no view, one success makes the view ``up``, but ``down`` needs
-   ``fail_after`` consecutive failures. From ``up``, ``fail_after`` consecutive failures
-   make it ``down``; from ``down``, ``recover_after`` consecutive successes make it ``up``
-   again. So (with ``fail_after`` above 1) one failed probe never moves a verdict. The
-   engine keeps the agent's latest failure class and message.
+1. **Each agent's view of a check** (hysteresis: consecutive results, chosen over a
+   Bayesian belief because its behaviour is easy to state and to test, with the one thing
+   a belief does better -- knowing how much a lossy path fails by chance -- added in 2).
+   An agent has no view of a check until its first result. From no view, one success
+   makes the view ``up``; ``down`` needs failures in a row (see 2). From ``down``,
+   ``recover_after`` consecutive successes make it ``up`` again. So one failed probe
+   never moves a verdict, and recovery is confirmed too. The engine keeps the agent's
+   latest failure class and message.
 
-2. **Freshness.** A view is *fresh* while the agent is connected and its latest result for
+2. **Adaptive confirmation.** Each view keeps a moving average (memory ``loss_memory``
+   results) of how often its probes fail while it is up: random loss on that agent's
+   path. A run of failures confirms the view down after ``fail_after`` failures, or more
+   when the path is lossy: enough that random loss alone would do it with at most
+   ``max_false_down`` chance (at 20% loss and 1e-5, eight; on a clean path, two). A new
+   view assumes 1% loss (``LOSS_PRIOR``) until it knows better. Off with
+   ``adaptive_confirmation: false``.
+
+3. **Second opinions.** When a view starts to waver (a failure while up, a success while
+   down), every healthy agent with a fresh view of the check is asked to probe it at once
+   (``take_requests()``: the coordinator sends them over the agents' streams); from then
+   on each agent is asked again as soon as it answers while its view still wavers, up to
+   what its confirmation needs (plus one). While such an episode is on, the check's
+   verdict waits: an outage seen everywhere goes from ``up`` to ``global`` in one
+   transition once the answers are in, instead of passing through ``local`` and
+   ``regional`` as results trickle in, and failures are confirmed within seconds instead
+   of intervals. An episode ends when nobody asked is left to hear from (a scheduled
+   result counts as an answer), at its deadline (the check's timeout plus
+   ``second_opinion_slack`` after the latest ask, noticed by ``tick()``), or when who
+   counts changes (an agent leaves, is impaired or recovers, a view goes stale).
+
+4. **Freshness.** A view is *fresh* while the agent is connected and its latest result for
    the check arrived within ``stale_intervals * interval + timeout`` seconds (the check's
    *staleness window*), measured on the coordinator's clock when the result was folded,
    not the agent's timestamp, so agent clock skew does not matter. A connected agent whose
@@ -23,17 +46,31 @@ How a verdict is reached (v1)
    anywhere. A stale view is forgotten: the agent's next result starts over as if it were
    its first (old evidence does not carry hysteresis across a gap).
 
-3. **Regions.** Among a region's fresh agents with a confirmed view (the *counted*
-   agents), the region is ``down`` when strictly more than half of them are down and at
-   least ``min_region_agents`` of them are down (so an agent that sees the check up never
-   tips a region into down); ``up`` when there are at least ``min_region_agents`` and it
-   is not down; ``unknown`` otherwise. A fresh agent whose view is not confirmed yet (one failure
-   so far, say) is not counted, and not stale either. ``failure`` is the most common
-   failure class among the region's down agents; a tie goes to the class whose name sorts
-   first, so every coordinator replica names the same class whatever order results
-   arrived in.
+5. **Agent health.** An agent whose latest results fail more than ``impaired_share`` of
+   its checks (and at least ``impaired_min_checks`` of them) while a healthy peer sees
+   them work is *impaired*: the trouble is the agent's, as Trinocular blames an outage of
+   most of a vantage point's targets on the vantage point. Peers are the other agents of
+   its region; an agent alone in its region is judged against the other regions. A whole
+   region failing everything is a regional outage, not impairment. An impaired agent's
+   views are left out of every count (the reason names it; ``impaired()`` lists it) until
+   it fails no more than that share again.
 
-4. **The check's verdict**, first match wins:
+6. **Flapping.** A view *flaps* when over its latest 20 results its confirmed state
+   changed on at least 25% of them (stops below 10%), or its moving average of failures
+   reaches 40% (stops below 30%): a target that works about half the time. A flapping view
+   counts as up in its region.
+
+7. **Regions.** Among a region's fresh, healthy agents with a confirmed view (the
+   *counted* agents), the region is ``down`` when strictly more than half of them are
+   down and at least ``min_region_agents`` of them are down (so an agent that sees the
+   check up never tips a region into down); ``up`` when there are at least
+   ``min_region_agents`` and it is not down; ``unknown`` otherwise. A fresh agent whose
+   view is not confirmed yet (one failure so far, say) is not counted, and not stale
+   either. ``failure`` is the most common failure class among the region's down agents; a
+   tie goes to the class whose name sorts first, so every coordinator replica names the
+   same class whatever order results arrived in.
+
+8. **The check's verdict**, first match wins:
 
    - ``unknown`` with fewer than ``min_agents`` counted agents in all, or fewer than
      ``min_regions`` regions in a known (up/down) state. Never ``up`` on thin evidence.
@@ -42,14 +79,9 @@ How a verdict is reached (v1)
      that, the verdict stays ``unknown`` and the reason says so.
    - ``regional`` when at least one known region is down and at least one is up.
    - ``local`` when no region is down but some counted agent's view is down.
+   - ``degraded`` when at least half of the counted agents' views flap (a flapping view
+     counts as up in its region, never as down).
    - ``up`` when every counted view is up.
-
-   ``degraded`` (flapping, slow) is not produced yet: it needs per-view history, which the
-   full engine adds (see ``_classify``).
-
-   Results are folded one at a time, so an outage everyone sees usually passes through
-   ``local`` and ``regional`` on its way to ``global`` as the agents confirm it, within
-   about one interval (and back the same way on recovery).
 
 Every verdict carries its evidence: a ``RegionView`` for each region with a connected
 agent that has reported on the check (unknown regions included), the names of the down
@@ -66,13 +98,19 @@ Parameters (``EngineSettings``)
 ``min_regions`` (2)
     Regions in a known state needed for any verdict but ``unknown``.
 ``min_region_agents`` (1)
-    Counted agents a region needs to be ``up`` or ``down``.
+    Counted (and, for down, down) agents a region needs to be ``up`` or ``down``.
 ``fail_after`` (2)
-    Consecutive failures before an agent's view is ``down``.
+    The fewest consecutive failures that confirm an agent's view ``down``.
 ``recover_after`` (2)
     Consecutive successes before a ``down`` view is ``up`` again.
 ``stale_intervals`` (2.0)
     A view older than ``stale_intervals * interval + timeout`` is stale.
+``impaired_share`` (0.5), ``impaired_min_checks`` (3)
+    When an agent is impaired (5).
+``second_opinion`` (true), ``second_opinion_slack`` (1 s)
+    Second opinions, and how long past the check's timeout an answer may take (3).
+``adaptive_confirmation`` (true), ``max_false_down`` (1e-5), ``loss_memory`` (20)
+    Failures needed on lossy paths (2).
 
 Errors: a result for a check the engine does not know, or from an agent that is not
 connected, is a caller bug and raises ``ValueError``; so do invalid settings and a check
@@ -101,8 +139,32 @@ from vantage.results import FailureClass, ProbeResult
 
 from .verdicts import ProbeNow, RegionState, RegionView, Transition, Verdict, VerdictState
 
-# Agents named one by one in a ``local`` reason; the rest are summarised as "N more".
+# Agents named one by one in a reason; the rest are summarised as "N more".
 _NAMED_AGENTS = 5
+# Flapping (as Nagios detects it, without its weights): over a view's latest FLAP_WINDOW
+# results, the share of them that changed its *confirmed* state. A view starts flapping
+# at FLAP_START and stops below FLAP_STOP; it is judged once it has more than
+# FLAP_MIN_CHANGES results. Confirmed changes, not raw ones: random loss fails single
+# probes (32% raw changes at 20% loss) but almost never confirms a change (see
+# max_false_down), while a target down every other interval, re-probed as second
+# opinions, changes its confirmed state every two or three results.
+# A target failing about half its probes while its views stay up (max_false_down makes
+# such a view need many failures in a row) is flapping too: a view whose moving average
+# of failures reaches FLAKY_START counts as flapping until it falls below FLAKY_STOP.
+# At 20% random loss the average (memory 20) has a standard deviation of about 0.065:
+# 0.4 is three of them above.
+# Second opinions one agent may be asked for in one episode, whatever its view needs.
+_MAX_ASKS = 12
+# Until a view has seen enough results to know its check's random loss, it assumes this
+# much: a new view needs a few more failures in a row than a well-known clean one.
+LOSS_PRIOR = 0.01
+FLAP_WINDOW = 20
+FLAP_START = 0.25
+FLAP_STOP = 0.1
+FLAKY_START = 0.4
+FLAKY_STOP = 0.3
+FLAP_MIN_CHANGES = 10
+_FLAP_MASK = (1 << (FLAP_WINDOW + 1)) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +181,23 @@ class EngineSettings:
     impaired_min_checks: int = 3
     second_opinion: bool = True
     second_opinion_slack: float = 1.0
+    adaptive_confirmation: bool = True
+    max_false_down: float = 1e-5
+    loss_memory: int = 20
+
+    @property
+    def loss_weight(self) -> float:
+        """The weight of each new result in a view's moving average of random failures."""
+        return 1.0 / self.loss_memory
+
+    def failures_needed(self, loss: float) -> int:
+        """Failures in a row that confirm a view down, for a view whose probes fail at
+        random ``loss`` of the time while the check is up: at least ``fail_after``, and
+        enough that random loss alone does it with at most ``max_false_down`` chance
+        (only ``fail_after`` without ``adaptive_confirmation``)."""
+        if not self.adaptive_confirmation or loss <= self.max_false_down:
+            return self.fail_after
+        return max(self.fail_after, math.ceil(math.log(self.max_false_down) / math.log(loss)))
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,11 +207,15 @@ class EngineSettings:
             "fail_after",
             "recover_after",
             "impaired_min_checks",
+            "loss_memory",
         ):
             _require_count(name, getattr(self, name))
         slack = self.second_opinion_slack
         if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
             raise ValueError(f"second_opinion_slack must be a number of seconds, got {slack!r}")
+        chance = self.max_false_down
+        if isinstance(chance, bool) or not isinstance(chance, int | float) or not 0 < chance < 1:
+            raise ValueError(f"max_false_down must be a number between 0 and 1, got {chance!r}")
         share = self.impaired_share
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1:
             raise ValueError(f"impaired_share must be a number between 0 and 1, got {share!r}")
@@ -186,7 +269,20 @@ class _Agent:
 class _View:
     """One agent's view of one check: the hysteresis state and its latest failure."""
 
-    __slots__ = ("agent", "failure", "last_success", "message", "observed_at", "run", "up")
+    __slots__ = (
+        "agent",
+        "failure",
+        "flapping",
+        "history",
+        "last_success",
+        "loss",
+        "message",
+        "needed",
+        "observed_at",
+        "run",
+        "seen",
+        "up",
+    )
 
     def __init__(self, agent: _Agent) -> None:
         self.agent = agent
@@ -196,10 +292,22 @@ class _View:
         self.observed_at = -math.inf
         self.failure: FailureClass | None = None
         self.message = ""
+        # The latest FLAP_WINDOW + 1 results, newest in bit 0 (1 = success), and how many
+        # of those bits are real; flapping as of the latest result.
+        self.history = 0
+        self.seen = 0
+        self.flapping = False
+        # The share of this agent's probes of the check that fail at random (a moving
+        # average), and the failures in a row the current run of failures needs.
+        self.loss = LOSS_PRIOR
+        self.needed = 1
 
     def forget(self) -> None:
         self.up = None
         self.run = 0
+        self.history = 0
+        self.seen = 0
+        self.flapping = False
 
     @property
     def failing(self) -> bool:
@@ -213,11 +321,11 @@ class _View:
             return False
         return self.up is not self.last_success
 
-    def contribution(self) -> tuple[bool | None, FailureClass | None]:
+    def contribution(self) -> tuple[bool | None, FailureClass | None, bool]:
         """What this (fresh) view adds to the verdict's evidence."""
-        return (self.up, self.failure if self.up is False else None)
+        return (self.up, self.failure if self.up is False else None, self.flapping)
 
-    def fold(self, result: ProbeResult, now: float, fail_after: int, recover_after: int) -> None:
+    def fold(self, result: ProbeResult, now: float, settings: EngineSettings) -> None:
         outcome = result.outcome
         success = outcome.success
         if success == self.last_success:
@@ -225,25 +333,46 @@ class _View:
         else:
             self.last_success = success
             self.run = 1
+            if not success:
+                self.needed = settings.failures_needed(self.loss)
         if success:
-            needed = 1 if self.up is None else recover_after
+            needed = 1 if self.up is None else settings.recover_after
             if self.up is not True and self.run >= needed:
                 self.up = True
+            if self.up:
+                self.loss -= self.loss * settings.loss_weight
         else:
             self.failure = outcome.failure
             self.message = outcome.message
-            if self.up is not False and self.run >= fail_after:
+            if self.up is not False and self.run >= self.needed:
                 self.up = False
+            if self.up:
+                self.loss += (1.0 - self.loss) * settings.loss_weight
         self.observed_at = now
+        if self.up is not None:
+            self._sample(self.up)
+
+    def _sample(self, up: bool) -> None:
+        """Add the confirmed state to the history and decide whether the view flaps."""
+        self.history = ((self.history << 1) | up) & _FLAP_MASK
+        if self.seen <= FLAP_WINDOW:
+            self.seen += 1
+        if self.seen > FLAP_MIN_CHANGES:
+            changes = self.seen - 1  # state changes the history can show
+            changed = ((self.history ^ (self.history >> 1)) & ((1 << changes) - 1)).bit_count()
+            if self.flapping:
+                self.flapping = changed >= FLAP_STOP * changes or self.loss >= FLAKY_STOP
+            else:
+                self.flapping = changed >= FLAP_START * changes or self.loss >= FLAKY_START
 
 
 class _Check:
     __slots__ = (
+        "asked",
         "name",
         "next_expiry",
         "pending",
         "round_deadline",
-        "rounds",
         "stale",
         "timeout",
         "verdict",
@@ -255,11 +384,11 @@ class _Check:
         self.name = name
         self.window = window  # staleness window, seconds
         self.timeout = timeout  # the probe's, seconds: how long a second opinion takes
-        # A round of second opinions in progress: the agents asked and not heard from
-        # since, until the deadline; rounds asked since the check last settled.
+        # An episode of second opinions in progress: the agents asked and not heard from
+        # since, until the deadline; how often each agent was asked in the episode.
         self.pending: set[str] = set()
+        self.asked: dict[str, int] = {}
         self.round_deadline = -math.inf
-        self.rounds = 0
         self.views: dict[str, _View] = {}
         self.verdict = verdict
         # When the first fresh view of a connected agent goes stale, as of the last
@@ -268,14 +397,20 @@ class _Check:
         self.next_expiry = math.inf
         self.stale = 0  # connected agents' stale views, as of the last evaluation
 
+    def settle(self) -> None:
+        """End the episode of second opinions, if any."""
+        self.pending.clear()
+        self.asked.clear()
+
 
 class _Tally:
-    __slots__ = ("failing", "stale", "up")
+    __slots__ = ("failing", "flapping", "stale", "up")
 
     def __init__(self) -> None:
         self.up = 0
         self.stale = 0
         self.failing: list[tuple[str, FailureClass | None]] = []
+        self.flapping: list[str] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +524,7 @@ class VerdictEngine:
             raise ValueError(f"result from agent {agent!r}, which is not connected")
         now = self._clock()
         view = check.views.get(agent)
-        before: tuple[bool | None, FailureClass | None] | None = None
+        before: tuple[bool | None, FailureClass | None, bool] | None = None
         was_failing = False
         if view is None:
             view = check.views[agent] = _View(member)
@@ -401,7 +536,7 @@ class VerdictEngine:
             else:
                 before = view.contribution()
         settings = self._settings
-        view.fold(result, now, settings.fail_after, settings.recover_after)
+        view.fold(result, now, settings)
         member.last_observed = now
         transitions: list[Transition] = []
         if view.failing != was_failing:
@@ -411,9 +546,8 @@ class VerdictEngine:
             ended = self._second_opinion(check, view, now)
             if check.pending:
                 if now <= check.next_expiry or not self._went_stale(check, now):
-                    return transitions  # the verdict waits for the round
-                check.pending.clear()  # who counts has changed: the round is moot
-                check.rounds = 0
+                    return transitions  # the verdict waits for the answers
+                check.settle()  # who counts has changed: the episode is moot
                 ended = True
             if ended:
                 self._collect(transitions, check, now)
@@ -438,15 +572,14 @@ class VerdictEngine:
             n for n, c in self._checks.items() if c.pending and c.round_deadline < now
         ):
             check = self._checks[name]
-            self._end_round(check, now)
+            check.settle()
             self._collect(transitions, check, now)
         for member in [m for m in self._agents.values() if m.impaired or m.suspect(self._settings)]:
             transitions += self._review(member, now, crossing=False)
         for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
             check = self._checks[name]
             if self._went_stale(check, now):
-                check.pending.clear()  # who counts has changed: the round is moot
-                check.rounds = 0
+                check.settle()  # who counts has changed: the episode is moot
                 self._collect(transitions, check, now)
         horizon = now - self._longest_window
         for member in [m for m in self._agents.values() if not m.connected]:
@@ -455,6 +588,7 @@ class VerdictEngine:
                 for name in member.checks:
                     del self._checks[name].views[member.name]
                 del self._agents[member.name]
+        transitions.sort(key=lambda transition: transition.check)  # stable
         return transitions
 
     # -- outputs -------------------------------------------------------------------------
@@ -483,38 +617,46 @@ class VerdictEngine:
     # -- second opinions ------------------------------------------------------------------
 
     def _second_opinion(self, check: _Check, view: _View, now: float) -> bool:
-        """Start, follow or end ``check``'s round of second opinions after ``view``'s
-        agent reported. True when a round ended just now (re-evaluate)."""
-        if check.pending:
-            check.pending.discard(view.agent.name)
-            if check.pending and now <= check.round_deadline:
-                return False
-            self._end_round(check, now)
-            return not check.pending
-        if check.rounds == 0 and view.wavering and not view.agent.impaired:
-            # Something changed somewhere: every healthy agent looks again at once.
-            self._ask(check, [v for v in check.views.values() if _counts(v, check, now)], now)
-        return False
+        """Start, follow or end ``check``'s episode of second opinions after ``view``'s
+        agent reported. True when an episode ended just now (re-evaluate).
 
-    def _end_round(self, check: _Check, now: float) -> None:
-        """The round is in (or out of time): ask again those still wavering, up to the
-        views' confirmation counts; otherwise the check has settled."""
-        check.pending.clear()
-        settings = self._settings
-        if check.rounds < max(settings.fail_after, settings.recover_after):
-            wavering = [v for v in check.views.values() if _counts(v, check, now) and v.wavering]
-            if wavering:
-                self._ask(check, wavering, now)
-                return
-        check.rounds = 0
+        An episode starts when a healthy view starts to waver: every healthy agent with
+        a fresh view is asked. From then on each agent is asked again as soon as it has
+        answered while its view still wavers (not when the slowest agent has answered),
+        up to the results its confirmation needs plus one (for an agent whose scheduled
+        run was still going when asked). The episode ends when nobody is left to hear
+        from, or at its deadline.
+        """
+        name = view.agent.name
+        if not check.asked:
+            if view.wavering and not view.agent.impaired:
+                # Something changed somewhere: every healthy agent looks again at once.
+                self._ask(check, [v for v in check.views.values() if _counts(v, check, now)], now)
+            return False
+        check.pending.discard(name)
+        if (
+            name not in check.pending
+            and view.wavering
+            and _counts(view, check, now)
+            and check.asked.get(name, 0) <= self._asks_allowed(view)
+        ):
+            self._ask(check, [view], now)
+        if check.pending and now <= check.round_deadline:
+            return False
+        check.settle()
+        return True
+
+    def _asks_allowed(self, view: _View) -> int:
+        return min(max(view.needed, self._settings.recover_after), _MAX_ASKS)
 
     def _ask(self, check: _Check, views: list[_View], now: float) -> None:
         agents = tuple(sorted(view.agent.name for view in views))
         if not agents:
             return
-        check.pending = set(agents)
+        for agent in agents:
+            check.pending.add(agent)
+            check.asked[agent] = check.asked.get(agent, 0) + 1
         check.round_deadline = now + check.timeout + self._settings.second_opinion_slack
-        check.rounds += 1
         self._requests.append(ProbeNow(check.name, agents))
 
     # -- agent health --------------------------------------------------------------------
@@ -575,8 +717,7 @@ class VerdictEngine:
         transitions: list[Transition] = []
         for name in sorted(names):
             check = self._checks[name]
-            check.pending.clear()
-            check.rounds = 0
+            check.settle()
             self._collect(transitions, check, now)
         return transitions
 
@@ -643,7 +784,9 @@ class VerdictEngine:
             member = view.agent
             if not member.connected:
                 continue
-            if member.impaired:
+            if member.impaired and view.up is not True:
+                # Its failures are its own; what it still sees working counts, so that
+                # calling an agent impaired can never make a verdict worse.
                 impaired.append(name)
                 continue
             tally = tallies.get(member.region)
@@ -655,7 +798,12 @@ class VerdictEngine:
                 continue
             if expiry < next_expiry:
                 next_expiry = expiry
-            if view.up is True:
+            if view.flapping:
+                # Neither up nor down: counted as up in its region (a target that works
+                # half the time is not down there), and the check is degraded.
+                tally.up += 1
+                tally.flapping.append(name)
+            elif view.up is True:
                 tally.up += 1
             elif view.up is False:
                 tally.failing.append((name, view.failure))
@@ -663,6 +811,7 @@ class VerdictEngine:
 
         regions: dict[str, RegionView] = {}
         failing: list[tuple[str, FailureClass | None]] = []
+        flapping: list[str] = []
         counted = stale = 0
         for region in sorted(tallies):
             tally = tallies[region]
@@ -687,10 +836,11 @@ class VerdictEngine:
                 failing_agents=tuple(name for name, _ in tally.failing),
             )
             failing.extend(tally.failing)
+            flapping.extend(tally.flapping)
             counted += members
             stale += tally.stale
         failing.sort()
-        state, reason = self._classify(regions, counted, stale, failing)
+        state, reason = self._classify(regions, counted, stale, failing, sorted(flapping))
         if impaired:
             reason = f"{reason}; impaired, not counted: {', '.join(sorted(impaired))}"
         return _Evaluation(
@@ -709,12 +859,12 @@ class VerdictEngine:
         counted: int,
         stale: int,
         failing: list[tuple[str, FailureClass | None]],
+        flapping: list[str],
     ) -> tuple[VerdictState, str]:
         """The verdict state and its one-line reason from the region views.
 
-        The full engine's seam: agent impairment filters ``failing`` before this point,
-        and ``degraded`` (flapping or slow views) is decided here, after the ``unknown``
-        gate and before the failure states.
+        Impaired agents are already left out of ``regions``, ``counted`` and
+        ``failing``; ``flapping`` names the counted agents whose views flap.
         """
         settings = self._settings
         down = [r for r, v in regions.items() if v.state is RegionState.DOWN]
@@ -753,11 +903,14 @@ class VerdictEngine:
             return VerdictState.REGIONAL, f"down in {where}; up in {', '.join(up)}"
         if failing:
             named = [f"{name}{_parenthesised(failure)}" for name, failure in failing]
-            if len(named) > _NAMED_AGENTS:
-                named[_NAMED_AGENTS:] = [f"{len(named) - _NAMED_AGENTS} more"]
             return (
                 VerdictState.LOCAL,
-                f"failing from {len(failing)}/{counted} agents: {', '.join(named)}",
+                f"failing from {len(failing)}/{counted} agents: {_named(named)}",
+            )
+        if flapping and 2 * len(flapping) >= counted:
+            return (
+                VerdictState.DEGRADED,
+                f"flapping from {len(flapping)}/{counted} agents: {_named(flapping)}",
             )
         return (
             VerdictState.UP,
@@ -780,6 +933,13 @@ def _dominant(failing: list[tuple[str, FailureClass | None]]) -> FailureClass | 
     if not counts:
         return None
     return min(counts, key=lambda failure: (-counts[failure], failure.value))
+
+
+def _named(names: list[str]) -> str:
+    """Agents named one by one, up to ``_NAMED_AGENTS``; the rest as "N more"."""
+    if len(names) > _NAMED_AGENTS:
+        names = [*names[:_NAMED_AGENTS], f"{len(names) - _NAMED_AGENTS} more"]
+    return ", ".join(names)
 
 
 def _parenthesised(failure: FailureClass | None) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,9 @@ class AgentLink(Protocol):
 
     def assign(self, change: CheckChange) -> None:
         """Send an incremental change of the agent's assignments (never blocks)."""
+
+    def recheck(self, checks: Sequence[str]) -> None:
+        """Ask the agent to probe these checks now, out of schedule (never blocks)."""
 
     def end(self, reason: str) -> None:
         """Ask the stream to end; ``reason`` is one line for the agent and the log."""
@@ -139,6 +142,11 @@ class AgentFleet:
     def agents(self) -> list[AgentInfo]:
         """Every known agent, sorted by name."""
         return [_info(self._agents[name]) for name in sorted(self._agents)]
+
+    def link(self, name: str) -> AgentLink | None:
+        """The agent's live stream; None when it is not connected (or unknown)."""
+        record = self._agents.get(name)
+        return None if record is None else record.link
 
     def links(self) -> Iterator[AgentLink]:
         """The live stream of every connected agent."""

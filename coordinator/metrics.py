@@ -21,6 +21,8 @@ Counted as things happen:
 - ``vantage_results_received_total{region}``: results ingested into the engine.
 - ``vantage_results_dropped_total{reason}``: ``unassigned``, ``duplicate``, ``invalid``.
 - ``vantage_agent_auth_failures_total``: streams refused for their token.
+- ``vantage_rechecks_requested_total``: out-of-schedule probes (one per agent and check)
+  sent to agents as second opinions the verdict engine asked for.
 - ``vantage_watch_streams_open``, ``vantage_watch_streams_overflowed_total``: verdict
   watchers, and those ended because they fell behind.
 - ``vantage_checks_reloads_total{result}``: ``applied``, ``unchanged``, ``failed``.
@@ -115,6 +117,12 @@ class CoordinatorMetrics:
             "Agent streams refused because of their token.",
             registry=self.registry,
         )
+        self._rechecks = Counter(
+            "vantage_rechecks_requested",
+            "Out-of-schedule probes asked of agents (one per agent and check) for second "
+            "opinions the verdict engine wanted.",
+            registry=self.registry,
+        )
         self._watchers_open = Gauge(
             "vantage_watch_streams_open",
             "WatchVerdicts streams currently open.",
@@ -161,6 +169,10 @@ class CoordinatorMetrics:
 
     def auth_failed(self) -> None:
         self._auth_failures.inc()
+
+    def rechecks_requested(self, count: int) -> None:
+        """``count`` out-of-schedule probes were asked of connected agents."""
+        self._rechecks.inc(count)
 
     def watcher_opened(self) -> None:
         self._watchers_open.inc()

@@ -10,7 +10,8 @@ Lifecycle::
 - the gRPC server (``listen``): ``vantage.v1.AgentService``, ``vantage.v1.QueryService``,
   the standard health service (SERVING for "" and both services) and server reflection;
 - the HTTP endpoint (``http_listen``): ``/metrics``, ``/healthz``;
-- the engine ticker: ``engine.tick()`` every second, so stale views move verdicts;
+- the engine ticker: ``engine.tick()`` every second, so stale views move verdicts and
+  rounds of second opinions end on time (and the rechecks it asks for are sent);
 - the checks reloader: on SIGHUP and when the checks file changes (polled every 2 s).
   A bad file logs one error line and changes nothing; a good one is applied and the
   change pushed to every connected agent.
@@ -250,6 +251,7 @@ class Coordinator:
         )
         self._recorder.record(transitions)
         self._agents.push_assignments(change)
+        self._agents.send_rechecks()
 
     def _health(self) -> dict[str, object]:
         return {
@@ -284,6 +286,7 @@ class Coordinator:
         while True:
             await asyncio.sleep(TICK_INTERVAL)
             self._recorder.record(self.engine.tick())
+            self._agents.send_rechecks()
 
     async def _watch_checks_file(self) -> None:
         hangup = asyncio.Event()

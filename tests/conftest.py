@@ -5,3 +5,11 @@ import os
 # gRPC's C core prints its own chatter ("Got goaway") at info level; the CLI silences it
 # the same way (vantage.cli).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+# In CI the property tests replay the same examples on every run (a red main must mean a
+# change broke something, not that the search got lucky); locally each run searches anew.
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

@@ -12,6 +12,7 @@ from agent.agent import Agent, AgentSettings
 from agent.link import FatalError
 from vantage.checks import parse_check
 from vantage.wire import check_to_pb
+from vantage_proto.v1 import agent_pb2
 
 
 def settings(port: int, **overrides: Any) -> AgentSettings:
@@ -54,6 +55,38 @@ async def test_runs_assigned_checks_and_delivers_results(
     assert first.check_revision == up.revision
     assert first.tcp.peer == f"127.0.0.1:{target_port}"
     assert first.phases.connect_us > 0
+
+
+async def test_recheck_runs_a_check_out_of_schedule(
+    coordinator: Any, serve: Any, until: Any
+) -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    target_port = await serve(hold)
+    # Due once a day, its first run anywhere within that day: only rechecks run it now.
+    daily = parse_check({"name": "daily", "type": "tcp", "target": f"127.0.0.1:{target_port}",
+                         "interval": "24h", "timeout": "500ms"})  # fmt: skip
+    fake = await coordinator(checks=[check_to_pb(daily)])
+    agent = Agent(settings(fake.port))
+    recheck = agent_pb2.CoordinatorMessage(recheck=agent_pb2.Recheck(checks=["daily"]))
+
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: "daily" in agent.scheduler.assignments)
+        fake.outgoing.put_nowait(recheck)
+        await until(lambda: len(fake.results) >= 1)
+        fake.outgoing.put_nowait(recheck)
+        await until(lambda: len(fake.results) >= 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert [(r.check, r.seq, r.success) for r in fake.results[:2]] == [
+        ("daily", 1, True),
+        ("daily", 2, True),
+    ]
 
 
 async def test_refused_token_stops_the_agent_with_fatal_error(coordinator: Any) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -31,6 +31,17 @@ class Applied:
         self.calls.append((full, list(checks), list(removed)))
 
 
+class RanNow:
+    """Records the check names the link hands to the scheduler to probe at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, names: Iterable[str]) -> int:
+        self.calls.append(list(names))
+        return len(self.calls[-1])
+
+
 def result(seq: int) -> ProbeResult:
     return ProbeResult(
         check="port",
@@ -46,6 +57,7 @@ def make_link(
     port: int,
     outbox: asyncio.Queue[ProbeResult] | None = None,
     apply: Applied | None = None,
+    run_now: RanNow | None = None,
     **tuning: Any,
 ) -> CoordinatorLink:
     tuning = {
@@ -62,6 +74,7 @@ def make_link(
         region="eu",
         outbox=outbox if outbox is not None else asyncio.Queue(),
         apply=apply or Applied(),
+        run_now=run_now or RanNow(),
         **tuning,
     )
 
@@ -276,3 +289,56 @@ async def test_endpoint_that_never_answers_is_left(serve: Any, until: Any) -> No
             await until(lambda: len(reconnect_reasons(logs)) >= 1)
 
     assert reconnect_reasons(logs)[0] == "coordinator did not answer the hello within 200ms"
+
+
+async def test_recheck_reaches_the_scheduler(coordinator: Any, until: Any) -> None:
+    checks = [
+        check_to_pb(parse_check({"name": name, "type": "tcp", "target": "127.0.0.1:22"}))
+        for name in ("port", "db", "old")
+    ]
+    fake = await coordinator(checks=checks)
+    applied, ran = Applied(), RanNow()
+    link = make_link(fake.port, apply=applied, run_now=ran)
+
+    def recheck(*names: str) -> None:
+        message = agent_pb2.CoordinatorMessage(recheck=agent_pb2.Recheck(checks=names))
+        fake.outgoing.put_nowait(message)
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(link) as task:
+            await until(lambda: len(applied.calls) == 1)
+            recheck("port", "db")
+            await until(lambda: len(ran.calls) == 1)
+            # Names not assigned (any more) are left out; a removal counts.
+            change = agent_pb2.Assignments(full=False, removed=["old"])
+            fake.outgoing.put_nowait(agent_pb2.CoordinatorMessage(assignments=change))
+            recheck("old", "db")
+            await until(lambda: len(ran.calls) == 2)
+            assert not task.done()
+
+    assert ran.calls == [["port", "db"], ["db"]]
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+
+
+async def test_recheck_naming_more_than_is_assigned_is_refused(
+    coordinator: Any, until: Any
+) -> None:
+    port = check_to_pb(parse_check({"name": "port", "type": "tcp", "target": "127.0.0.1:22"}))
+    fake = await coordinator(checks=[port])
+    applied, ran = Applied(), RanNow()
+    link = make_link(fake.port, apply=applied, run_now=ran)
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(link) as task:
+            await until(lambda: len(applied.calls) == 1)
+            flood = agent_pb2.Recheck(checks=["port"] * 100_000)
+            fake.outgoing.put_nowait(agent_pb2.CoordinatorMessage(recheck=flood))
+            sane = agent_pb2.Recheck(checks=["port"])
+            fake.outgoing.put_nowait(agent_pb2.CoordinatorMessage(recheck=sane))
+            await until(lambda: len(ran.calls) == 1)
+            assert not task.done()  # the agent carries on
+
+    assert ran.calls == [["port"]]
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "recheck refused: it names more checks than are assigned"
+    assert (warning["names"], warning["assigned"]) == (100_000, 1)

@@ -312,6 +312,91 @@ def test_max_in_flight_must_be_positive() -> None:
         scheduler_for(Probe(), asyncio.Queue(), max_in_flight=0)
 
 
+# Out of schedule: run_now, the second opinions the coordinator asks for
+
+
+async def test_run_now_runs_at_once_and_leaves_the_grid_alone() -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(check(interval="1s", timeout="500ms")))
+
+    async with running(scheduler):
+        [first] = await take(outbox, 1)
+        await asyncio.sleep(0.3)
+        assert scheduler.run_now(["c"]) == 1
+        [extra] = await take(outbox, 1)
+        [scheduled] = await take(outbox, 1)
+
+    assert [r.seq for r in (first, extra, scheduled)] == [1, 2, 3]
+    assert all(r.check == "c" and r.success for r in (first, extra, scheduled))
+    (_, _, at_first), (_, _, at_extra), (_, _, at_scheduled) = probe.calls
+    # The extra run came long before the next slot, which stayed on the grid (it did not
+    # move to one interval after the extra run, 1.3 s).
+    assert at_extra - at_first < 0.6
+    assert at_scheduled - at_first == pytest.approx(1.0, abs=0.15)
+
+
+async def test_run_now_leaves_a_run_in_flight_alone(until: Any) -> None:
+    probe = Probe(block=lambda c: c.name == "busy")
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(
+        True, assign(*(check(n, interval="10s", timeout="5s") for n in ("busy", "idle")))
+    )
+
+    async with running(scheduler):
+        await until(lambda: len(probe.calls) == 2)
+        [idle] = await take(outbox, 1)
+        assert scheduler.run_now(["busy", "idle"]) == 1
+        [again] = await take(outbox, 1)
+        await asyncio.sleep(0.05)
+        assert sorted(name for name, _, _ in probe.calls) == ["busy", "idle", "idle"]
+
+    assert (idle.check, again.check) == ("idle", "idle")
+    assert probe.cancelled == ["127.0.0.1:1"]  # the busy run, stopped with the scheduler
+    assert scheduler.skipped == 0  # left alone, not skipped
+
+
+async def test_run_now_ignores_unknown_and_repeated_names() -> None:
+    probe = Probe()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
+    assert scheduler.run_now(["c"]) == 0  # not running yet: nothing runs
+    assert probe.calls == []
+
+    async with running(scheduler):
+        await take(outbox, 1)
+        assert scheduler.run_now(["nope", "c", "", "c", "C"]) == 1
+        [result] = await take(outbox, 1)
+        assert scheduler.run_now([]) == 0
+        await asyncio.sleep(0.05)
+
+    assert result.check == "c"
+    assert len(probe.calls) == 2
+    assert outbox.empty()
+
+
+async def test_run_now_beyond_max_in_flight_is_skipped_and_counted(until: Any) -> None:
+    probe = Probe(block=lambda c: c.name != "free")
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox, max_in_flight=2)
+    scheduler.apply(True, assign(check("free", interval="10s", timeout="5s")))
+
+    async with running(scheduler):
+        await take(outbox, 1)
+        slow = [check(f"slow{i}", interval="10s", timeout="5s") for i in range(2)]
+        scheduler.apply(False, assign(*slow))
+        await until(lambda: len(probe.calls) == 3)
+        assert scheduler.run_now(["free", "slow0"]) == 0
+        await asyncio.sleep(0.05)
+
+    assert [name for name, _, _ in probe.calls] == ["free", "slow0", "slow1"]
+    assert scheduler.skipped == 1  # free, for want of room; slow0 was in flight
+    assert outbox.empty()
+
+
 # Launched runs: probes that run on loop callbacks (agent.probes.launch)
 
 
@@ -369,6 +454,22 @@ async def test_launched_runs_publish_without_a_task_per_run() -> None:
     assert sorted(r.check for r in results) == ["c0", "c1", "c2"]
     assert [r.seq for r in results] == [1, 2, 3]
     assert all(r.success for r in results)
+    assert probe.calls == []
+
+
+async def test_run_now_launches_a_launched_probe() -> None:
+    launcher = Launcher()
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler, probe = launched_scheduler(launcher, outbox)
+    scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
+
+    async with running(scheduler):
+        await take(outbox, 1)
+        assert scheduler.run_now(["c"]) == 1
+        [result] = await take(outbox, 1)
+
+    assert result.success
+    assert launcher.launched == ["c", "c"]
     assert probe.calls == []
 
 

@@ -41,7 +41,10 @@ tokens:
     agent: eu-1
 """
 # One agent in one region is enough for a verdict, so single-agent tests see transitions.
-ENGINE = "engine: {min_agents: 1, min_regions: 1, fail_after: 1, recover_after: 1}\n"
+ENGINE = (
+    "engine: {min_agents: 1, min_regions: 1, fail_after: 1, recover_after: 1,"
+    " adaptive_confirmation: false}\n"
+)
 
 
 @dataclass

@@ -1,10 +1,17 @@
-"""The agent stream: authentication, Hello, assignments, results, acks and drops."""
+"""The agent stream: authentication, Hello, assignments, results, acks, drops and
+rechecks."""
 
 from __future__ import annotations
 
-import grpc
-from live_coordinator import EU_TOKEN, Running, eventually
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
+import pytest
+from live_coordinator import EU_TOKEN, FakeAgent, Running, eventually, start, write_config
+
+from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 from vantage_proto.v1 import agent_pb2, common_pb2, query_pb2
 
 
@@ -228,3 +235,82 @@ async def test_agent_closing_its_side_gets_what_was_queued_then_a_clean_end(
         kinds.append(message.WhichOneof("kind"))
     assert kinds == ["welcome", "assignments", "ack"]
     assert await agent.call.code() == grpc.StatusCode.OK
+
+
+# Second opinions: the engine's requests go out as Recheck messages
+
+
+@pytest.fixture
+async def default_engine(tmp_path: Path) -> AsyncIterator[Running]:
+    """A coordinator with the engine's default settings (second opinions on)."""
+    async with start(write_config(tmp_path, extra=""), reload_on_sighup=False) as coordinator:
+        yield coordinator
+
+
+async def _fleet_seeing_web_up(running: Running) -> list[FakeAgent]:
+    agents = [running.agent(name, name[:2]) for name in ("eu-1", "us-1", "ap-1")]
+    for agent in agents:
+        await agent.handshake()
+        await agent.send_results([agent.result("web")])
+    return agents
+
+
+async def _recheck(agent: FakeAgent) -> list[str]:
+    message = await agent.read()
+    assert message.WhichOneof("kind") == "recheck", message
+    return list(message.recheck.checks)
+
+
+async def test_a_wavering_view_asks_every_agent_with_a_view_to_recheck(
+    default_engine: Running,
+) -> None:
+    running = default_engine
+    agents = await _fleet_seeing_web_up(running)
+    assert await running.metric("vantage_rechecks_requested_total") == 0
+    eu = agents[0]
+
+    # One failure where the others see web up: its view wavers, so everyone looks again,
+    # the agent that failed included. The batch is acknowledged first.
+    assert await eu.send_results([eu.result("web", success=False)]) == 2
+    for agent in agents:
+        assert await _recheck(agent) == ["web"], agent.name
+
+    assert await running.metric("vantage_rechecks_requested_total") == 3
+    web = running.coordinator.engine.verdict("web")
+    assert web is not None
+    assert web.state.value == "up"  # one failure and a round out moves nothing yet
+    for agent in agents:
+        agent.close()
+
+
+async def test_requests_left_by_any_engine_call_go_out_with_the_next_tick(
+    default_engine: Running,
+) -> None:
+    running = default_engine
+    agents = await _fleet_seeing_web_up(running)
+
+    # A wavering result folded in by someone who does not send what the engine asks
+    # (as tick() might ask): the coordinator's ticker sends it within a second.
+    failed = ProbeOutcome.failed(FailureClass.CONNECT_REFUSED, "connection refused")
+    result = ProbeResult("web", 1, seq=99, started_at=time.time(), duration=0.001, outcome=failed)
+    running.coordinator.engine.observe("us-1", result)
+    for agent in agents:
+        assert await _recheck(agent) == ["web"], agent.name
+
+    assert await running.metric("vantage_rechecks_requested_total") == 3
+    for agent in agents:
+        agent.close()
+
+
+async def test_agents_gone_are_not_asked(default_engine: Running) -> None:
+    running = default_engine
+    eu, us, ap = await _fleet_seeing_web_up(running)
+    ap.close()
+    await eventually(lambda: running.coordinator.fleet.connected_count() == 2, "ap to leave")
+
+    await eu.send_results([eu.result("web", success=False)])
+    assert await _recheck(eu) == ["web"]
+    assert await _recheck(us) == ["web"]
+    assert await running.metric("vantage_rechecks_requested_total") == 2
+    eu.close()
+    us.close()

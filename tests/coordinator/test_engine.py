@@ -56,9 +56,11 @@ def result(name: str, failure: FailureClass | None = None, at: float = T0) -> Pr
 def engine_with_fleet(
     clock: FakeClock, checks: tuple[str, ...] = ("web",), **overrides: Any
 ) -> VerdictEngine:
-    # Rounds of second opinions hold verdicts until every agent asked has reported; tests
-    # of how views add up to a verdict turn them off, and the tests of rounds turn them on.
+    # Rounds of second opinions hold verdicts until every agent asked has reported, and
+    # adaptive confirmation asks more failures in a row of lossy (or new) views: tests of
+    # how views add up to a verdict turn both off; their own tests turn them on.
     overrides.setdefault("second_opinion", False)
+    overrides.setdefault("adaptive_confirmation", False)
     engine = VerdictEngine(EngineSettings(**overrides), clock)
     engine.set_checks(check(name) for name in checks)
     for agent, region in FLEET.items():
@@ -111,7 +113,7 @@ def test_three_regions_of_two_agents_seeing_it_work_make_it_up() -> None:
 
 def test_global_needs_fail_after_rounds_not_one() -> None:
     clock = FakeClock()
-    engine = engine_with_fleet(clock, second_opinion=True)
+    engine = engine_with_fleet(clock)
     report(engine)
     everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
 
@@ -122,16 +124,12 @@ def test_global_needs_fail_after_rounds_not_one() -> None:
     clock.advance(30)
     transitions = report(engine, everyone_refused)
 
-    # The first failures started a round of second opinions: the verdict waits for every
-    # agent and goes to global at once, not through local and regional.
+    # Without second opinions, results are folded one at a time and the verdict
+    # escalates as agents confirm (see the next test for what second opinions change).
     assert [(t.previous, t.verdict.state) for t in transitions] == [
-        (VerdictState.UP, VerdictState.GLOBAL)
-    ]
-    # eu-1's first failure asked everyone, itself included; the round ended with eu-1's
-    # next result, and the agents still on one failure were asked again.
-    assert [r.agents for r in engine.take_requests()] == [
-        tuple(sorted(FLEET)),
-        tuple(sorted(set(FLEET) - {"eu-1"})),
+        (VerdictState.UP, VerdictState.LOCAL),  # eu-1
+        (VerdictState.LOCAL, VerdictState.REGIONAL),  # eu-2: eu is down
+        (VerdictState.REGIONAL, VerdictState.GLOBAL),  # ap-2: the last region is down
     ]
     verdict = engine.verdict("web")
     assert verdict is not None
@@ -146,6 +144,57 @@ def test_global_needs_fail_after_rounds_not_one() -> None:
         failure=FailureClass.CONNECT_REFUSED,
         failing_agents=("eu-1", "eu-2"),
     )
+
+
+def answer(engine: VerdictEngine, failure: FailureClass | None) -> list[Transition]:
+    """Every agent asked for a second opinion answers at once, until nobody is asked."""
+    transitions: list[Transition] = []
+    while requests := engine.take_requests():
+        for request in requests:
+            for agent in request.agents:
+                transitions += engine.observe(agent, result(request.check, failure))
+    return transitions
+
+
+def test_second_opinions_take_an_outage_straight_to_global_within_one_round() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=True)
+    report(engine)
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+    clock.advance(30)
+
+    transitions = report(engine, everyone_refused)
+    assert transitions == []  # the verdict waits for the second opinions asked
+    [first, *_] = engine.take_requests()
+    assert first.check == "web"
+    assert first.agents == tuple(sorted(FLEET))  # eu-1's failure asked everyone at once
+    for agent in first.agents:
+        transitions += engine.observe(agent, result("web", FailureClass.CONNECT_REFUSED))
+    transitions += answer(engine, FailureClass.CONNECT_REFUSED)
+
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.UP, VerdictState.GLOBAL)
+    ]
+
+    clock.advance(30)
+    transitions = report(engine) + answer(engine, None)
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.GLOBAL, VerdictState.UP)
+    ]
+
+
+def test_second_opinions_not_answered_in_time_let_the_verdict_move() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=True)
+    report(engine)
+    clock.advance(30)
+    assert report(engine, {"eu-1": FailureClass.TIMEOUT}) == []
+    assert engine.take_requests()  # asked; nobody answers
+    clock.advance(12)  # past the deadline: timeout 10 s + slack 1 s
+    engine.tick()
+    clock.advance(18)
+    transitions = report(engine, {"eu-1": FailureClass.TIMEOUT})
+    assert [t.verdict.state for t in transitions] == [VerdictState.LOCAL]
 
 
 def test_one_failing_agent_is_local() -> None:
@@ -821,3 +870,51 @@ def test_an_agent_with_too_few_checks_is_never_impaired() -> None:
         clock.advance(30)
     assert engine.impaired() == frozenset()
     assert state(engine, "web") is VerdictState.LOCAL
+
+
+# Flapping
+
+
+@pytest.mark.parametrize("second_opinion", [False, True])
+def test_a_flapping_target_is_degraded_not_a_storm_of_transitions(second_opinion: bool) -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=second_opinion)
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+    transitions: list[Transition] = []
+    for index in range(40):  # down every other round
+        clock.advance(30)
+        transitions += report(engine, everyone_refused if index % 2 else None)
+        transitions += engine.tick()
+
+    assert state(engine) is VerdictState.DEGRADED
+    assert reason_of(engine, "web").startswith("flapping from 6/6 agents")
+    assert len(transitions) <= 3, [t.verdict.state for t in transitions]
+
+    for _ in range(25):  # steady again
+        clock.advance(30)
+        report(engine)
+        engine.tick()
+    assert state(engine) is VerdictState.UP
+
+
+def test_twenty_percent_random_loss_is_no_outage_and_no_flapping() -> None:
+    import random
+
+    rng = random.Random(7)
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=True, adaptive_confirmation=True)
+    report(engine)
+    seen: set[VerdictState] = set()
+    for _ in range(300):
+        clock.advance(30)
+        lost = {a: FailureClass.CONNECT_TIMEOUT for a in FLEET if rng.random() < 0.2}
+        report(engine, lost)
+        # The second opinions asked for are answered at once, with the same loss.
+        for request in engine.take_requests():
+            for agent in request.agents:
+                failure = FailureClass.CONNECT_TIMEOUT if rng.random() < 0.2 else None
+                engine.observe(agent, result("web", failure))
+        engine.tick()
+        seen.add(state(engine))
+
+    assert seen <= {VerdictState.UP, VerdictState.LOCAL}, seen

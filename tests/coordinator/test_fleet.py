@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from coordinator.fleet import INSTANCES_KEPT, AgentFleet, AgentHello
 from coordinator.registry import CheckChange
 
@@ -12,9 +14,13 @@ class Link:
     def __init__(self) -> None:
         self.ended: list[str] = []
         self.changes: list[CheckChange] = []
+        self.rechecks: list[list[str]] = []
 
     def assign(self, change: CheckChange) -> None:
         self.changes.append(change)
+
+    def recheck(self, checks: Sequence[str]) -> None:
+        self.rechecks.append(list(checks))
 
     def end(self, reason: str) -> None:
         self.ended.append(reason)
@@ -59,6 +65,17 @@ def test_a_new_stream_replaces_the_old_one() -> None:
     assert not fleet.disconnect("eu-1", old)
     assert fleet.connected_count() == 1
     assert list(fleet.links()) == [new]
+    assert fleet.link("eu-1") is new  # what a recheck for eu-1 goes through
+
+
+def test_link_is_none_for_agents_not_connected() -> None:
+    fleet = AgentFleet(Clock())
+    link = Link()
+    fleet.connect(AgentHello("eu-1", "eu"), link)
+    assert fleet.link("eu-1") is link
+    fleet.disconnect("eu-1", link)
+    assert fleet.link("eu-1") is None
+    assert fleet.link("nobody") is None
 
 
 def test_sequence_numbers_per_instance_are_bounded() -> None:

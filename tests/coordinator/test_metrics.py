@@ -20,6 +20,7 @@ async def test_fresh_coordinator_exposes_its_state(running: Running) -> None:
     assert 'vantage_check_verdict{check="web",state="unknown"} 1.0' in text
     assert 'vantage_check_verdict{check="web",state="up"} 0.0' in text
     assert "vantage_agent_auth_failures_total 0.0" in text
+    assert "vantage_rechecks_requested_total 0.0" in text
     assert "process_cpu_seconds_total" in text
     assert "vantage_agent_connected{" not in text
 

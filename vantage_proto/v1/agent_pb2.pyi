@@ -10,7 +10,9 @@ Lifecycle of a stream:
   coordinator -> Welcome, Assignments(full=true)
   agent -> ResultBatch...  Heartbeat... (any order)
   coordinator -> Assignments(full=false) on changes, ResultAck after each batch,
-                 Heartbeat, ProbeRequest (on-demand, reserved)
+                 Heartbeat, Recheck (a second opinion: probe these now; the
+                 results come back in ordinary ResultBatches),
+                 ProbeRequest (on-demand, reserved)
 A wrong token ends the stream with UNAUTHENTICATED before any state is created.
 """
 
@@ -73,6 +75,7 @@ class CoordinatorMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     PROBE_REQUEST_FIELD_NUMBER: _builtins.int
+    RECHECK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -83,6 +86,8 @@ class CoordinatorMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def probe_request(self) -> Global___ProbeRequest: ...
+    @_builtins.property
+    def recheck(self) -> Global___Recheck: ...
     def __init__(
         self,
         *,
@@ -91,12 +96,13 @@ class CoordinatorMessage(_message.Message):
         ack: Global___ResultAck | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         probe_request: Global___ProbeRequest | None = ...,
+        recheck: Global___Recheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignments", b"assignments", "heartbeat", b"heartbeat", "kind", b"kind", "probe_request", b"probe_request", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignments", b"assignments", "heartbeat", b"heartbeat", "kind", b"kind", "probe_request", b"probe_request", "recheck", b"recheck", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignments", b"assignments", "heartbeat", b"heartbeat", "kind", b"kind", "probe_request", b"probe_request", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignments", b"assignments", "heartbeat", b"heartbeat", "kind", b"kind", "probe_request", b"probe_request", "recheck", b"recheck", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignments", "ack", "heartbeat", "probe_request"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignments", "ack", "heartbeat", "probe_request", "recheck"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -197,6 +203,32 @@ class Assignments(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assignments: _TypeAlias = Assignments  # noqa: Y015
+
+@_typing.final
+class Recheck(_message.Message):
+    """Probe these assigned checks now, out of schedule: a second opinion the verdict
+    engine asked for because a check's state wavers. Each runs once more (unless its
+    previous run is still in flight) without moving its schedule; the results come back
+    in ordinary ResultBatches. Names not assigned to the agent are ignored.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        checks: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Recheck: _TypeAlias = Recheck  # noqa: Y015
 
 @_typing.final
 class ResultBatch(_message.Message):

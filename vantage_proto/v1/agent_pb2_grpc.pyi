@@ -10,7 +10,9 @@ Lifecycle of a stream:
   coordinator -> Welcome, Assignments(full=true)
   agent -> ResultBatch...  Heartbeat... (any order)
   coordinator -> Assignments(full=false) on changes, ResultAck after each batch,
-                 Heartbeat, ProbeRequest (on-demand, reserved)
+                 Heartbeat, Recheck (a second opinion: probe these now; the
+                 results come back in ordinary ResultBatches),
+                 ProbeRequest (on-demand, reserved)
 A wrong token ends the stream with UNAUTHENTICATED before any state is created.
 """
 
