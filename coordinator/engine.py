@@ -545,9 +545,12 @@ class VerdictEngine:
         if settings.second_opinion:
             ended = self._second_opinion(check, view, now)
             if check.pending:
-                if now <= check.next_expiry or not self._went_stale(check, now):
+                if now <= check.next_expiry:
                     return transitions  # the verdict waits for the answers
-                check.settle()  # who counts has changed: the episode is moot
+                # A view may have gone stale (the held evaluation cannot tell: its stale
+                # count is as old as the hold): who counts may have changed, so the
+                # episode is moot.
+                check.settle()
                 ended = True
             if ended:
                 self._collect(transitions, check, now)
@@ -578,8 +581,8 @@ class VerdictEngine:
             transitions += self._review(member, now, crossing=False)
         for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
             check = self._checks[name]
-            if self._went_stale(check, now):
-                check.settle()  # who counts has changed: the episode is moot
+            if check.pending or self._went_stale(check, now):
+                check.settle()  # who counts may have changed: the episode is moot
                 self._collect(transitions, check, now)
         horizon = now - self._longest_window
         for member in [m for m in self._agents.values() if not m.connected]:

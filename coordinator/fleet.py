@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .registry import CheckChange
@@ -63,6 +63,7 @@ class AgentInfo:
     connected_since: float | None  # wall-clock seconds; None while disconnected
     last_seen: float  # wall-clock seconds of the last message from the agent
     results_received: int
+    impaired: bool = False  # judged by the verdict engine (see AgentFleet.agents)
 
 
 @dataclass(slots=True)
@@ -139,9 +140,13 @@ class AgentFleet:
         record = self._agents.get(name)
         return None if record is None else _info(record)
 
-    def agents(self) -> list[AgentInfo]:
-        """Every known agent, sorted by name."""
-        return [_info(self._agents[name]) for name in sorted(self._agents)]
+    def agents(self, impaired: Collection[str] = ()) -> list[AgentInfo]:
+        """Every known agent, sorted by name; those named in ``impaired`` (the engine's
+        judgement, which the fleet does not make) marked so."""
+        infos = [_info(self._agents[name]) for name in sorted(self._agents)]
+        if impaired:
+            infos = [replace(info, impaired=info.name in impaired) for info in infos]
+        return infos
 
     def link(self, name: str) -> AgentLink | None:
         """The agent's live stream; None when it is not connected (or unknown)."""

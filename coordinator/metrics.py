@@ -11,8 +11,10 @@ stale series behind):
 - ``vantage_check_region_agents{check,region,view}``: agents of the region whose latest
   confirmed view of the check is ``up``, ``down`` or ``stale``.
 - ``vantage_agents_connected{region}``: connected agents per region (0 once all left).
-- ``vantage_agent_connected{agent,region}``, ``vantage_agent_last_seen_timestamp_seconds
-  {agent,region}``: only with ``per_agent_metrics``; bounded fleets only.
+- ``vantage_agents_impaired{region}``: agents the engine judges impaired, per region.
+- ``vantage_agent_connected{agent,region}``, ``vantage_agent_impaired{agent,region}``,
+  ``vantage_agent_last_seen_timestamp_seconds{agent,region}``: only with
+  ``per_agent_metrics``; bounded fleets only.
 
 Counted as things happen:
 
@@ -207,7 +209,16 @@ class _StateCollector(Collector):
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        verdict, region_up, region_agents, connected, agent_up, agent_seen = self._families()
+        (
+            verdict,
+            region_up,
+            region_agents,
+            connected,
+            impaired,
+            agent_up,
+            agent_impaired,
+            agent_seen,
+        ) = self._families()
         for current in self._verdicts():
             for state in VerdictState:
                 verdict.add_metric([current.check, state.value], float(state == current.state))
@@ -224,16 +235,24 @@ class _StateCollector(Collector):
 
         agents = list(self._agents())
         per_region: dict[str, int] = {}
+        impaired_per_region: dict[str, int] = {}
         for agent in agents:
             per_region[agent.region] = per_region.get(agent.region, 0) + agent.connected
+            impaired_per_region[agent.region] = (
+                impaired_per_region.get(agent.region, 0) + agent.impaired
+            )
         for region, count in sorted(per_region.items()):
             connected.add_metric([region], count)
+            impaired.add_metric([region], impaired_per_region[region])
         yield connected
+        yield impaired
         if self._per_agent:
             for agent in agents:
                 agent_up.add_metric([agent.name, agent.region], float(agent.connected))
+                agent_impaired.add_metric([agent.name, agent.region], float(agent.impaired))
                 agent_seen.add_metric([agent.name, agent.region], agent.last_seen)
             yield agent_up
+            yield agent_impaired
             yield agent_seen
 
     def _families(self) -> tuple[GaugeMetricFamily, ...]:
@@ -259,8 +278,19 @@ class _StateCollector(Collector):
                 labels=["region"],
             ),
             GaugeMetricFamily(
+                "vantage_agents_impaired",
+                "Connected agents the verdict engine judges impaired (failing most of their "
+                "checks while peers see them work), by region.",
+                labels=["region"],
+            ),
+            GaugeMetricFamily(
                 "vantage_agent_connected",
                 "1 while the agent has a live stream (per_agent_metrics only).",
+                labels=["agent", "region"],
+            ),
+            GaugeMetricFamily(
+                "vantage_agent_impaired",
+                "1 while the verdict engine judges the agent impaired (per_agent_metrics only).",
                 labels=["agent", "region"],
             ),
             GaugeMetricFamily(

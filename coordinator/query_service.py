@@ -87,5 +87,5 @@ class QueryService(query_pb2_grpc.QueryServiceServicer):
         self, request: query_pb2.ListAgentsRequest, context: Context
     ) -> query_pb2.ListAgentsResponse:
         return query_pb2.ListAgentsResponse(
-            agents=[agent_to_pb(agent) for agent in self._fleet.agents()]
+            agents=[agent_to_pb(agent) for agent in self._fleet.agents(self._engine.impaired())]
         )

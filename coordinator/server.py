@@ -160,7 +160,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(
             version=__version__,
             verdicts=self.engine.verdicts,
-            agents=self.fleet.agents,
+            agents=lambda: self.fleet.agents(self.engine.impaired()),
             per_agent=config.per_agent_metrics,
         )
         self.transitions = TransitionLog()

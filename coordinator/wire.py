@@ -79,8 +79,7 @@ def agent_to_pb(agent: AgentInfo) -> query_pb2.Agent:
         name=agent.name,
         region=agent.region,
         connected=agent.connected,
-        # Agent impairment is judged by a later engine issue; until then nobody is.
-        impaired=False,
+        impaired=agent.impaired,
         last_seen=timestamp(agent.last_seen),
         version=agent.version,
         capabilities=agent.capabilities,

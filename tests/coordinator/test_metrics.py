@@ -10,6 +10,7 @@ import pytest
 from live_coordinator import Running, start, write_config
 
 from vantage import __version__
+from vantage_proto.v1 import query_pb2
 
 
 async def test_fresh_coordinator_exposes_its_state(running: Running) -> None:
@@ -79,3 +80,37 @@ async def test_metrics_pass_promtool(running: Running) -> None:
     assert process.returncode == 0, output.decode()
     assert output.decode().strip() == ""
     agent.close()
+
+
+THREE_CHECKS = """\
+checks:
+  - {name: web, type: http, target: 'http://127.0.0.1:1/', interval: 2s, timeout: 1s}
+  - {name: shop, type: http, target: 'http://127.0.0.1:2/', interval: 2s, timeout: 1s}
+  - {name: db, type: tcp, target: '127.0.0.1:3', interval: 2s, timeout: 1s}
+"""
+
+
+async def test_an_impaired_agent_is_listed_and_counted(tmp_path: Path) -> None:
+    """eu-1 fails every check while eu-2, in its region, sees them all work."""
+    engine = (
+        "engine: {min_agents: 1, min_regions: 1, second_opinion: false,"
+        " adaptive_confirmation: false}\n"
+    )
+    config = write_config(tmp_path, checks=THREE_CHECKS, extra=engine + "per_agent_metrics: true\n")
+    async with start(config, reload_on_sighup=False) as running:
+        broken, healthy = running.agent("eu-1"), running.agent("eu-2")
+        await broken.handshake()
+        await healthy.handshake()
+        names = ("web", "shop", "db")
+        for _ in range(2):
+            await healthy.send_results([healthy.result(name) for name in names])
+            await broken.send_results([broken.result(name, success=False) for name in names])
+
+        response = await running.queries.ListAgents(query_pb2.ListAgentsRequest())
+        assert {a.name: a.impaired for a in response.agents} == {"eu-1": True, "eu-2": False}
+        assert await running.metric('vantage_agents_impaired{region="eu"}') == 1
+        assert await running.metric('vantage_agent_impaired{agent="eu-1",region="eu"}') == 1
+        assert await running.metric('vantage_agent_impaired{agent="eu-2",region="eu"}') == 0
+        assert await running.metric('vantage_check_verdict{check="web",state="up"}') == 1
+        broken.close()
+        healthy.close()
