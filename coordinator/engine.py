@@ -129,12 +129,13 @@ window, not a re-evaluation, and ``tick()`` is a scan of the checks that finds n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from vantage.checks import AnyCheck
+from vantage.checks import AnyCheck, VerdictOptions
 from vantage.results import FailureClass, ProbeResult
 
 from .verdicts import ProbeNow, RegionState, RegionView, Transition, Verdict, VerdictState
@@ -185,6 +186,19 @@ class EngineSettings:
     max_false_down: float = 1e-5
     loss_memory: int = 20
 
+    def for_check(self, options: VerdictOptions) -> EngineSettings:
+        """These settings with one check's own thresholds (its ``verdict:`` options)."""
+        if not options.overrides():
+            return self
+        return dataclasses.replace(
+            self,
+            min_agents=_chosen(options.min_agents, self.min_agents),
+            min_regions=_chosen(options.min_regions, self.min_regions),
+            min_region_agents=_chosen(options.min_region_agents, self.min_region_agents),
+            fail_after=_chosen(options.fail_after, self.fail_after),
+            recover_after=_chosen(options.recover_after, self.recover_after),
+        )
+
     @property
     def loss_weight(self) -> float:
         """The weight of each new result in a view's moving average of random failures."""
@@ -227,6 +241,10 @@ class EngineSettings:
             or value <= 0
         ):
             raise ValueError(f"stale_intervals must be a number above 0, got {value!r}")
+
+
+def _chosen(own: int | None, default: int) -> int:
+    return default if own is None else own
 
 
 def _require_count(name: str, value: object) -> None:
@@ -373,6 +391,7 @@ class _Check:
         "next_expiry",
         "pending",
         "round_deadline",
+        "settings",
         "stale",
         "timeout",
         "verdict",
@@ -380,8 +399,16 @@ class _Check:
         "window",
     )
 
-    def __init__(self, name: str, window: float, timeout: float, verdict: Verdict) -> None:
+    def __init__(
+        self,
+        name: str,
+        window: float,
+        timeout: float,
+        verdict: Verdict,
+        settings: EngineSettings,
+    ) -> None:
         self.name = name
+        self.settings = settings  # the engine's, with the check's own overrides
         self.window = window  # staleness window, seconds
         self.timeout = timeout  # the probe's, seconds: how long a second opinion takes
         # An episode of second opinions in progress: the agents asked and not heard from
@@ -468,12 +495,14 @@ class VerdictEngine:
             spec = specs[name]
             window = self._settings.stale_intervals * spec.interval + spec.timeout
             check = self._checks.get(name)
+            settings = self._settings.for_check(spec.verdict)
             if check is None:
                 first = Verdict(name, VerdictState.UNKNOWN, now)
-                check = self._checks[name] = _Check(name, window, spec.timeout, first)
+                check = self._checks[name] = _Check(name, window, spec.timeout, first, settings)
                 self._refresh(check, now)
-            elif window != check.window:
+            elif window != check.window or settings != check.settings:
                 check.window = window
+                check.settings = settings
                 self._collect(transitions, check, now)
             check.timeout = spec.timeout
         self._longest_window = max((check.window for check in self._checks.values()), default=0.0)
@@ -533,9 +562,11 @@ class VerdictEngine:
             was_failing = view.failing
             if view.observed_at + check.window < now:
                 view.forget()
+                if check.stale:
+                    check.stale -= 1  # counted stale at the last evaluation, fresh again
             else:
                 before = view.contribution()
-        settings = self._settings
+        settings = check.settings
         view.fold(result, now, settings)
         member.last_observed = now
         transitions: list[Transition] = []
@@ -545,12 +576,9 @@ class VerdictEngine:
         if settings.second_opinion:
             ended = self._second_opinion(check, view, now)
             if check.pending:
-                if now <= check.next_expiry:
+                if now <= check.next_expiry or not self._went_stale(check, now):
                     return transitions  # the verdict waits for the answers
-                # A view may have gone stale (the held evaluation cannot tell: its stale
-                # count is as old as the hold): who counts may have changed, so the
-                # episode is moot.
-                check.settle()
+                check.settle()  # a view went stale: who counts has changed
                 ended = True
             if ended:
                 self._collect(transitions, check, now)
@@ -581,8 +609,8 @@ class VerdictEngine:
             transitions += self._review(member, now, crossing=False)
         for name in sorted(name for name, c in self._checks.items() if c.next_expiry < now):
             check = self._checks[name]
-            if check.pending or self._went_stale(check, now):
-                check.settle()  # who counts may have changed: the episode is moot
+            if self._went_stale(check, now):
+                check.settle()  # who counts has changed: the episode is moot
                 self._collect(transitions, check, now)
         horizon = now - self._longest_window
         for member in [m for m in self._agents.values() if not m.connected]:
@@ -641,16 +669,13 @@ class VerdictEngine:
             name not in check.pending
             and view.wavering
             and _counts(view, check, now)
-            and check.asked.get(name, 0) <= self._asks_allowed(view)
+            and check.asked.get(name, 0) <= _asks_allowed(view, check)
         ):
             self._ask(check, [view], now)
         if check.pending and now <= check.round_deadline:
             return False
         check.settle()
         return True
-
-    def _asks_allowed(self, view: _View) -> int:
-        return min(max(view.needed, self._settings.recover_after), _MAX_ASKS)
 
     def _ask(self, check: _Check, views: list[_View], now: float) -> None:
         agents = tuple(sorted(view.agent.name for view in views))
@@ -756,8 +781,9 @@ class VerdictEngine:
         """Whether a counted view has gone stale since the check's last evaluation.
 
         Called once ``next_expiry`` has passed. Between evaluations the connected views
-        stay the same and a stale view stays stale (observing it re-evaluates), so an
-        unchanged count of stale views means none went stale: the stored verdict is still
+        stay the same, and a stale view stays stale until a result makes it fresh, which
+        takes it off ``check.stale`` (``observe``), so an unchanged count of stale views
+        means none went stale: the stored verdict is still
         exact, and ``next_expiry`` moves on to the earliest expiry now, without a
         re-evaluation. Linear in the check's views, but only about once per staleness
         window per check, however many results arrive meanwhile.
@@ -779,7 +805,7 @@ class VerdictEngine:
 
     def _evaluate(self, check: _Check, now: float) -> _Evaluation:
         """The verdict the check's views support at ``now``; stores nothing."""
-        settings = self._settings
+        settings = check.settings
         tallies: dict[str, _Tally] = {}
         next_expiry = math.inf
         impaired: list[str] = []
@@ -843,7 +869,7 @@ class VerdictEngine:
             counted += members
             stale += tally.stale
         failing.sort()
-        state, reason = self._classify(regions, counted, stale, failing, sorted(flapping))
+        state, reason = self._classify(settings, regions, counted, stale, failing, sorted(flapping))
         if impaired:
             reason = f"{reason}; impaired, not counted: {', '.join(sorted(impaired))}"
         return _Evaluation(
@@ -858,18 +884,19 @@ class VerdictEngine:
 
     def _classify(
         self,
+        settings: EngineSettings,
         regions: dict[str, RegionView],
         counted: int,
         stale: int,
         failing: list[tuple[str, FailureClass | None]],
         flapping: list[str],
     ) -> tuple[VerdictState, str]:
-        """The verdict state and its one-line reason from the region views.
+        """The verdict state and its one-line reason from the region views, under the
+        check's ``settings``.
 
         Impaired agents are already left out of ``regions``, ``counted`` and
         ``failing``; ``flapping`` names the counted agents whose views flap.
         """
-        settings = self._settings
         down = [r for r, v in regions.items() if v.state is RegionState.DOWN]
         up = [r for r, v in regions.items() if v.state is RegionState.UP]
         known = len(down) + len(up)
@@ -919,6 +946,10 @@ class VerdictEngine:
             VerdictState.UP,
             f"up from {counted}/{counted} agents in {known} {_plural(known, 'region')}",
         )
+
+
+def _asks_allowed(view: _View, check: _Check) -> int:
+    return min(max(view.needed, check.settings.recover_after), _MAX_ASKS)
 
 
 def _counts(view: _View, check: _Check, now: float) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vantage.checks import ConfigError, HttpCheck, TcpCheck, parse_checks
+from vantage.checks import ConfigError, HttpCheck, TcpCheck, parse_check, parse_checks
 
 
 def test_a_valid_file_gives_typed_checks_with_defaults() -> None:
@@ -66,6 +66,14 @@ def test_revision_follows_the_spec() -> None:
             "checks:\n  - {name: w, type: tcp, target: 'h:1', interval: 2d}\n",
             "'2d' is not a duration",
         ),
+        (
+            "checks:\n  - {name: w, type: tcp, target: 'h:1', verdict: {fail_after: 0}}\n",
+            "verdict.fail_after: must be at least 1",
+        ),
+        (
+            "checks:\n  - {name: w, type: tcp, target: 'h:1', verdict: {quorum: 3}}\n",
+            "unknown field 'verdict.quorum'",
+        ),
         ("checks: [\n", "f:2: invalid YAML"),
         ("nothing: here\n", "f:1: unknown key 'nothing'"),
     ],
@@ -86,3 +94,13 @@ def test_text_is_taken_as_written() -> None:
     assert isinstance(check, TcpCheck)
     assert check.send == "QUIT\r\n"
     assert check.expect == "^220 "
+
+
+def test_verdict_options_override_thresholds_without_changing_the_revision() -> None:
+    plain = parse_check({"name": "w", "type": "tcp", "target": "h:1"})
+    strict = parse_check(
+        {"name": "w", "type": "tcp", "target": "h:1", "verdict": {"fail_after": 4}}
+    )
+    assert strict.verdict.overrides() == {"fail_after": 4}
+    assert plain.verdict.overrides() == {}
+    assert strict.revision == plain.revision  # the agents' probe is the same

@@ -97,3 +97,10 @@ def test_a_result_contradicting_itself_is_a_wire_error() -> None:
     message.success = False
     with pytest.raises(WireError, match="contradicts"):
         result_from_pb(message)
+
+
+def test_verdict_options_stay_with_the_coordinator() -> None:
+    check = parse_check({"name": "w", "type": "tcp", "target": "h:1", "verdict": {"fail_after": 4}})
+    back = check_from_pb(check_to_pb(check))
+    assert back.verdict.overrides() == {}
+    assert back.revision == check.revision

@@ -9,6 +9,7 @@ A checks file is YAML; deploy/examples/checks.yaml documents every field::
         interval: 30s              # default 30s
         timeout: 10s               # default 10s, always below interval
         labels: {team: web}
+        verdict: {fail_after: 3}   # this check's own verdict thresholds (engine: names)
         expected_status: [200, "300-399"]
         tls: {ca_file: ca.pem, cert_expiry_warning_days: 14}
 
@@ -182,6 +183,23 @@ def _tls_flag(value: Any) -> Any:
     return value
 
 
+class VerdictOptions(BaseModel):
+    """One check's own verdict thresholds, overriding the coordinator's ``engine:``
+    settings of the same names (see coordinator.engine); unset ones keep those."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_agents: int | None = Field(default=None, ge=1)
+    min_regions: int | None = Field(default=None, ge=1)
+    min_region_agents: int | None = Field(default=None, ge=1)
+    fail_after: int | None = Field(default=None, ge=1)
+    recover_after: int | None = Field(default=None, ge=1)
+
+    def overrides(self) -> dict[str, int]:
+        """The thresholds this check sets, by name."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
 class _CheckBase(BaseModel):
     # Text is taken as written: `send: "QUIT\r\n"` and `expect: "^220 "` need their
     # whitespace; names and targets that carry stray spaces fail their own validation.
@@ -192,6 +210,7 @@ class _CheckBase(BaseModel):
     interval: Seconds = 30.0
     timeout: Seconds = 10.0
     labels: dict[str, str] = Field(default_factory=dict)
+    verdict: VerdictOptions = Field(default_factory=VerdictOptions)
 
     @field_validator("name")
     @classmethod
@@ -227,9 +246,11 @@ class _CheckBase(BaseModel):
 
     @property
     def revision(self) -> int:
-        """Changes whenever the spec changes; equal specs give equal revisions, so
-        coordinator replicas and restarts agree without shared state."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Changes whenever what the probe does changes; equal specs give equal revisions,
+        so coordinator replicas and restarts agree without shared state. ``verdict`` is
+        the coordinator's alone: it is not sent to agents and changing it does not
+        restart the check there."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"verdict"}), sort_keys=True)
         digest = hashlib.sha256(canonical.encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1  # fits every signed 64-bit field
 

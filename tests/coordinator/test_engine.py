@@ -918,3 +918,23 @@ def test_twenty_percent_random_loss_is_no_outage_and_no_flapping() -> None:
         seen.add(state(engine))
 
     assert seen <= {VerdictState.UP, VerdictState.LOCAL}, seen
+
+
+def test_a_check_s_own_thresholds_override_the_engine_s() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, checks=())
+    strict = parse_check(
+        {"name": "strict", "type": "http", "target": "http://example.org/", "interval": 30,
+         "timeout": 10, "verdict": {"fail_after": 3, "min_agents": 2}}
+    )  # fmt: skip
+    engine.set_checks([check("web"), strict])
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+    for name in ("web", "strict"):
+        report(engine, name=name)
+    for _ in range(2):
+        for name in ("web", "strict"):
+            report(engine, everyone_refused, name=name)
+    assert state(engine, "web") is VerdictState.GLOBAL  # fail_after 2
+    assert state(engine, "strict") is VerdictState.UP  # fail_after 3: not yet
+    report(engine, everyone_refused, name="strict")
+    assert state(engine, "strict") is VerdictState.GLOBAL
