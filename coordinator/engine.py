@@ -559,7 +559,7 @@ class VerdictEngine:
             view = check.views[agent] = _View(member)
             member.checks.add(check.name)
         else:
-            was_failing = view.failing
+            was_failing = view.run > 0 and not view.last_success  # view.failing, inlined
             if view.observed_at + check.window < now:
                 view.forget()
                 if check.stale:
@@ -570,10 +570,13 @@ class VerdictEngine:
         view.fold(result, now, settings)
         member.last_observed = now
         transitions: list[Transition] = []
-        if view.failing != was_failing:
-            member.failing += 1 if view.failing else -1
+        failing = view.run > 0 and not view.last_success
+        if failing != was_failing:
+            member.failing += 1 if failing else -1
             transitions += self._review(member, now, crossing=True)
-        if settings.second_opinion:
+        # Second opinions matter during an episode, or when this view starts wavering
+        # (view.wavering, inlined: this is the path of every result).
+        if settings.second_opinion and (check.asked or view.up is not view.last_success):
             ended = self._second_opinion(check, view, now)
             if check.pending:
                 if now <= check.next_expiry or not self._went_stale(check, now):
