@@ -51,7 +51,10 @@ How a verdict is reached
    them work is *impaired*: the trouble is the agent's, as Trinocular blames an outage of
    most of a vantage point's targets on the vantage point. Peers are the other agents of
    its region; an agent alone in its region is judged against the other regions. A whole
-   region failing everything is a regional outage, not impairment. An impaired agent's
+   region failing everything is a regional outage, not impairment. An agent whose views of
+   every *canary* check it runs (``canary: true`` in the checks file: a target that is
+   always up, such as the coordinator's own address) are down has lost its own
+   connectivity and is impaired too, whatever its peers see. An impaired agent's failing
    views are left out of every count (the reason names it; ``impaired()`` lists it) until
    it fails no more than that share again.
 
@@ -467,6 +470,7 @@ class VerdictEngine:
         self._agents: dict[str, _Agent] = {}
         self._longest_window = 0.0
         self._requests: list[ProbeNow] = []
+        self._canaries: set[str] = set()  # names of the canary checks
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -506,6 +510,7 @@ class VerdictEngine:
                 self._collect(transitions, check, now)
             check.timeout = spec.timeout
         self._longest_window = max((check.window for check in self._checks.values()), default=0.0)
+        self._canaries = {name for name, spec in specs.items() if spec.canary}
         return transitions
 
     def agent_connected(self, agent: str, region: str) -> list[Transition]:
@@ -567,12 +572,15 @@ class VerdictEngine:
             else:
                 before = view.contribution()
         settings = check.settings
+        was_up = view.up
         view.fold(result, now, settings)
         member.last_observed = now
         transitions: list[Transition] = []
         failing = view.run > 0 and not view.last_success
         if failing != was_failing:
             member.failing += 1 if failing else -1
+            transitions += self._review(member, now, crossing=True)
+        elif view.up is not was_up and check.name in self._canaries:
             transitions += self._review(member, now, crossing=True)
         # Second opinions matter during an episode, or when this view starts wavering
         # (view.wavering, inlined: this is the path of every result).
@@ -704,18 +712,28 @@ class VerdictEngine:
         """
         settings = self._settings
         suspect = member.suspect(settings)
-        if crossing and suspect and member.suspected:
+        if self._canaries_down(member):
+            impaired = True
+        elif crossing and suspect and member.suspected:
             return []  # looked when it became suspect; the next tick() looks again
-        member.suspected = suspect
-        if not suspect:
+        elif not suspect:
             impaired = False
         else:
             blamed = sum(1 for name in member.checks if self._blames(self._checks[name], member))
             impaired = blamed > settings.impaired_share * len(member.checks)
+        member.suspected = suspect
         if impaired is member.impaired:
             return []
         member.impaired = impaired
         return self._refresh_all(member.checks, now)
+
+    def _canaries_down(self, member: _Agent) -> bool:
+        """Whether ``member`` has a view of some canary check and every such view is down:
+        the agent has lost its own connectivity, whatever its peers see."""
+        if not self._canaries:
+            return False
+        views = [self._checks[name].views[member.name] for name in member.checks & self._canaries]
+        return bool(views) and all(view.up is False for view in views)
 
     def _blames(self, check: _Check, member: _Agent) -> bool:
         """Whether ``member`` fails ``check`` while a peer sees it work: another healthy

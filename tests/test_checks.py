@@ -104,3 +104,11 @@ def test_verdict_options_override_thresholds_without_changing_the_revision() -> 
     assert strict.verdict.overrides() == {"fail_after": 4}
     assert plain.verdict.overrides() == {}
     assert strict.revision == plain.revision  # the agents' probe is the same
+
+
+def test_canary_is_the_coordinators_and_does_not_change_the_revision() -> None:
+    plain = parse_check({"name": "c", "type": "icmp", "target": "198.18.0.1"})
+    canary = parse_check({"name": "c", "type": "icmp", "target": "198.18.0.1", "canary": True})
+    assert canary.canary
+    assert not plain.canary
+    assert canary.revision == plain.revision

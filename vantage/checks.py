@@ -211,6 +211,9 @@ class _CheckBase(BaseModel):
     timeout: Seconds = 10.0
     labels: dict[str, str] = Field(default_factory=dict)
     verdict: VerdictOptions = Field(default_factory=VerdictOptions)
+    # A connectivity canary: an agent that sees every canary it runs down has lost its
+    # own connectivity and is impaired, whatever its peers see (coordinator.engine).
+    canary: bool = False
 
     @field_validator("name")
     @classmethod
@@ -249,8 +252,10 @@ class _CheckBase(BaseModel):
         """Changes whenever what the probe does changes; equal specs give equal revisions,
         so coordinator replicas and restarts agree without shared state. ``verdict`` is
         the coordinator's alone: it is not sent to agents and changing it does not
-        restart the check there."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"verdict"}), sort_keys=True)
+        restart the check there; nor does ``canary``."""
+        canonical = json.dumps(
+            self.model_dump(mode="json", exclude={"verdict", "canary"}), sort_keys=True
+        )
         digest = hashlib.sha256(canonical.encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1  # fits every signed 64-bit field
 

@@ -938,3 +938,33 @@ def test_a_check_s_own_thresholds_override_the_engine_s() -> None:
     assert state(engine, "strict") is VerdictState.UP  # fail_after 3: not yet
     report(engine, everyone_refused, name="strict")
     assert state(engine, "strict") is VerdictState.GLOBAL
+
+
+def test_an_agent_whose_canaries_are_all_down_is_impaired_whatever_its_peers_see() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, checks=())
+    canary = parse_check(
+        {"name": "canary", "type": "icmp", "target": "198.18.0.1", "interval": 30,
+         "timeout": 10, "canary": True}
+    )  # fmt: skip
+    engine.set_checks([check("web"), canary])
+    refused = FailureClass.CONNECT_REFUSED
+    for name in ("web", "canary"):
+        report(engine, name=name)
+    assert engine.impaired() == frozenset()
+
+    # us-1 loses its own connectivity: its canary fails, and so does web from there.
+    for _ in range(2):
+        clock.advance(30)
+        report(engine, {"us-1": FailureClass.TIMEOUT}, name="canary")
+        report(engine, {"us-1": refused}, name="web")
+
+    assert engine.impaired() == {"us-1"}
+    assert state(engine, "web") is VerdictState.UP
+    assert "impaired, not counted: us-1" in reason_of(engine, "web")
+
+    for _ in range(2):
+        clock.advance(30)
+        report(engine, name="canary")
+        report(engine, name="web")
+    assert engine.impaired() == frozenset()
