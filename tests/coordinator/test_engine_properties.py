@@ -18,6 +18,7 @@ import itertools
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import hypothesis
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -268,8 +269,14 @@ class Driver:
     or ``tick()``: the docstring's points where staleness is noticed).
     """
 
-    def __init__(self, scenario: Scenario, extra_region: str | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        extra_region: str | None = None,
+        extra_failure: FailureClass | None = None,
+    ) -> None:
         self.scenario = scenario
+        self.extra_failure = extra_failure  # what EXTRA reports: None for up
         self.clock = FakeClock()
         self.engine = VerdictEngine(scenario.config, self.clock)
         self.windows = {spec.name: spec.window(scenario.config) for spec in scenario.checks}
@@ -332,7 +339,7 @@ class Driver:
             if agent in self.connected
         ]
         if self.extra:
-            calls.append(self._observe(EXTRA, event.check, None))
+            calls.append(self._observe(EXTRA, event.check, self.extra_failure))
         return calls
 
     def _observe(self, agent: str, check: str, failure: FailureClass | None) -> Call:
@@ -407,6 +414,36 @@ def test_one_more_agent_seeing_it_up_never_makes_a_verdict_worse(
                 f"{spec.name} {where}: down with the extra agent in {region}: "
                 f"{more.regions_down}, without: {base.regions_down} "
                 f"({more.regions} vs {base.regions})"
+            )
+
+
+@PROPERTY
+@given(case=scenarios_with_newcomer())
+def test_an_impaired_agent_alone_never_moves_a_verdict(case: tuple[Scenario, str]) -> None:
+    """An extra agent that fails every check at every round, once the engine judges it
+    impaired, leaves every verdict as it is without that agent: the same state and the
+    same regions down. (Before it is judged, its failures may show as ``local``.)
+    Scenarios have one to three checks, so any number of them may make an agent impaired
+    here."""
+    scenario, region = case
+    config = dataclasses.replace(scenario.config, impaired_min_checks=1)
+    scenario = dataclasses.replace(scenario, config=config)
+    without = Driver(scenario)
+    with_broken = Driver(scenario, extra_region=region, extra_failure=FailureClass.CONNECT_TIMEOUT)
+    for step, event in enumerate([None, *scenario.events]):
+        if event is not None:
+            without.apply(event)
+            with_broken.apply(event)
+        if EXTRA not in with_broken.engine.impaired():
+            continue
+        hypothesis.event("the broken agent was judged impaired")
+        where = describe(step, event)
+        for spec in scenario.checks:
+            base, broken = without.verdict(spec.name), with_broken.verdict(spec.name)
+            assert (broken.state, broken.regions_down) == (base.state, base.regions_down), (
+                f"{spec.name} {where}: {broken.state} {broken.regions_down} with the impaired "
+                f"agent in {region}, {base.state} {base.regions_down} without "
+                f"({broken.reason!r} vs {base.reason!r})"
             )
 
 
