@@ -157,6 +157,12 @@ _NAMED_AGENTS = 5
 # of failures reaches FLAKY_START counts as flapping until it falls below FLAKY_STOP.
 # At 20% random loss the average (memory 20) has a standard deviation of about 0.065:
 # 0.4 is three of them above.
+# How far an agent's clock may lag the coordinator's before its fresh answers to a second
+# opinion are taken for probes that started before the ask (NTP keeps them within ms).
+ASK_CLOCK_MARGIN = 0.5
+# A probe said to have started longer ago than this is from an agent whose clock is off:
+# its start time tells nothing about when it ran relative to the ask.
+_PLAUSIBLE_PROBE_AGE = 60.0
 # Second opinions one agent may be asked for in one episode, whatever its view needs.
 _MAX_ASKS = 12
 # Until a view has seen enough results to know its check's random loss, it assumes this
@@ -390,6 +396,7 @@ class _View:
 class _Check:
     __slots__ = (
         "asked",
+        "asked_at",
         "name",
         "next_expiry",
         "pending",
@@ -418,6 +425,7 @@ class _Check:
         # since, until the deadline; how often each agent was asked in the episode.
         self.pending: set[str] = set()
         self.asked: dict[str, int] = {}
+        self.asked_at: dict[str, float] = {}  # when each agent was last asked
         self.round_deadline = -math.inf
         self.views: dict[str, _View] = {}
         self.verdict = verdict
@@ -431,6 +439,7 @@ class _Check:
         """End the episode of second opinions, if any."""
         self.pending.clear()
         self.asked.clear()
+        self.asked_at.clear()
 
 
 class _Tally:
@@ -585,7 +594,7 @@ class VerdictEngine:
         # Second opinions matter during an episode, or when this view starts wavering
         # (view.wavering, inlined: this is the path of every result).
         if settings.second_opinion and (check.asked or view.up is not view.last_success):
-            ended = self._second_opinion(check, view, now)
+            ended = self._second_opinion(check, view, now, result.started_at)
             if check.pending:
                 if now <= check.next_expiry or not self._went_stale(check, now):
                     return transitions  # the verdict waits for the answers
@@ -658,7 +667,7 @@ class VerdictEngine:
 
     # -- second opinions ------------------------------------------------------------------
 
-    def _second_opinion(self, check: _Check, view: _View, now: float) -> bool:
+    def _second_opinion(self, check: _Check, view: _View, now: float, started_at: float) -> bool:
         """Start, follow or end ``check``'s episode of second opinions after ``view``'s
         agent reported. True when an episode ended just now (re-evaluate).
 
@@ -666,14 +675,25 @@ class VerdictEngine:
         a fresh view is asked. From then on each agent is asked again as soon as it has
         answered while its view still wavers (not when the slowest agent has answered),
         up to the results its confirmation needs plus one (for an agent whose scheduled
-        run was still going when asked). The episode ends when nobody is left to hear
-        from, or at its deadline.
+        run was still going when asked). An answer from a probe that started before the
+        agent was asked (``started_at``, the agent's clock, more than ``ASK_CLOCK_MARGIN``
+        earlier: agents run one probe of a check at a time, so that run was already going)
+        tells what the target did before the change: the agent is asked again at once.
+        The episode ends when nobody is left to hear from, or at its deadline.
         """
         name = view.agent.name
         if not check.asked:
             if view.wavering and not view.agent.impaired:
                 # Something changed somewhere: every healthy agent looks again at once.
                 self._ask(check, [v for v in check.views.values() if _counts(v, check, now)], now)
+            return False
+        asked_at = check.asked_at.get(name, now)
+        if (
+            name in check.pending
+            and asked_at - ASK_CLOCK_MARGIN > started_at > now - _PLAUSIBLE_PROBE_AGE
+            and check.asked[name] <= _asks_allowed(view, check)
+        ):
+            self._ask(check, [view], now)
             return False
         check.pending.discard(name)
         if (
@@ -695,6 +715,7 @@ class VerdictEngine:
         for agent in agents:
             check.pending.add(agent)
             check.asked[agent] = check.asked.get(agent, 0) + 1
+            check.asked_at[agent] = now
         check.round_deadline = now + check.timeout + self._settings.second_opinion_slack
         self._requests.append(ProbeNow(check.name, agents))
 

@@ -21,8 +21,14 @@ FLEET = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "us-2": "us", "ap-1": "ap", "
 
 
 class FakeClock:
+    """The engine's clock in a test. The newest one is the time at which ``result()``
+    says a probe started, unless told otherwise: a probe that has just run."""
+
+    latest: FakeClock | None = None
+
     def __init__(self, now: float = T0) -> None:
         self.now = now
+        FakeClock.latest = self
 
     def __call__(self) -> float:
         return self.now
@@ -46,7 +52,9 @@ def check(name: str = "web", interval: float = 30, timeout: float = 10) -> AnyCh
     )
 
 
-def result(name: str, failure: FailureClass | None = None, at: float = T0) -> ProbeResult:
+def result(name: str, failure: FailureClass | None = None, at: float | None = None) -> ProbeResult:
+    if at is None:
+        at = FakeClock.latest.now if FakeClock.latest is not None else T0
     outcome = (
         ProbeOutcome(True) if failure is None else ProbeOutcome.failed(failure, f"{failure} here")
     )
