@@ -374,15 +374,23 @@ class FakeCoordinator(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
         first = await context.read()
         self.hellos.append(first.hello)
+        # One write at a time on a call (grpc.aio refuses a second while one is pending):
+        # replies and the test's own messages (outgoing) take turns.
+        lock = asyncio.Lock()
+
+        async def write(message: agent_pb2.CoordinatorMessage) -> None:
+            async with lock:
+                await context.write(message)
+
         welcome = agent_pb2.Welcome(
             coordinator_version="test",
             heartbeat_interval_ms=self.heartbeat_ms,
             last_seq=self.last_seq,
         )
-        await context.write(agent_pb2.CoordinatorMessage(welcome=welcome))
+        await write(agent_pb2.CoordinatorMessage(welcome=welcome))
         assignments = agent_pb2.Assignments(full=True, checks=self.checks)
-        await context.write(agent_pb2.CoordinatorMessage(assignments=assignments))
-        forward = asyncio.create_task(self._forward(context))
+        await write(agent_pb2.CoordinatorMessage(assignments=assignments))
+        forward = asyncio.create_task(self._forward(write))
         try:
             while True:
                 message = await context.read()
@@ -393,19 +401,21 @@ class FakeCoordinator(agent_pb2_grpc.AgentServiceServicer):
                     self.heartbeats += 1
                     if self.ack:
                         answer = agent_pb2.Heartbeat(sent_unix_us=1)
-                        await context.write(agent_pb2.CoordinatorMessage(heartbeat=answer))
+                        await write(agent_pb2.CoordinatorMessage(heartbeat=answer))
                 elif kind == "results":
                     batch = list(message.results.results)
                     self.batches.append(batch)
                     if self.ack:
                         ack = agent_pb2.ResultAck(seq=batch[-1].seq)
-                        await context.write(agent_pb2.CoordinatorMessage(ack=ack))
+                        await write(agent_pb2.CoordinatorMessage(ack=ack))
         finally:
             forward.cancel()
 
-    async def _forward(self, context: Any) -> None:
+    async def _forward(
+        self, write: Callable[[agent_pb2.CoordinatorMessage], Awaitable[None]]
+    ) -> None:
         while True:
-            await context.write(await self.outgoing.get())
+            await write(await self.outgoing.get())
 
     async def stop(self) -> None:
         if self.server is not None:
