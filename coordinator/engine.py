@@ -381,6 +381,8 @@ class _View:
 
     def _sample(self, up: bool) -> None:
         """Add the confirmed state to the history and decide whether the view flaps."""
+        if up and self.history == _FLAP_MASK and not self.flapping and self.loss < FLAKY_START:
+            return  # the steady state: up all along, and it stays so (saves the counting)
         self.history = ((self.history << 1) | up) & _FLAP_MASK
         if self.seen <= FLAP_WINDOW:
             self.seen += 1
@@ -567,7 +569,7 @@ class VerdictEngine:
             raise ValueError(f"result from agent {agent!r}, which is not connected")
         now = self._clock()
         view = check.views.get(agent)
-        before: tuple[bool | None, FailureClass | None, bool] | None = None
+        before: tuple[bool | None, FailureClass | None, bool] | None = None  # contribution()
         was_failing = False
         if view is None:
             view = check.views[agent] = _View(member)
