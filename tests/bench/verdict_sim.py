@@ -173,8 +173,28 @@ class ProbeFault(Protocol):
         ...
 
 
+class _WindowFault:
+    """A fault that fails, with ``failure``, every probe it ``hits`` that starts within
+    [start, end)."""
+
+    __slots__ = ()
+    start: float
+    end: float
+    failure: FailureClass
+
+    def hits(self, agent: str, region: str, check: str) -> bool:
+        raise NotImplementedError
+
+    def fails(
+        self, agent: str, region: str, check: str, at: float, rng: random.Random
+    ) -> FailureClass | None:
+        if self.start <= at < self.end and self.hits(agent, region, check):
+            return self.failure
+        return None
+
+
 @dataclass(frozen=True, slots=True)
-class GlobalOutage:
+class GlobalOutage(_WindowFault):
     """``check``'s target is down for every agent."""
 
     check: str
@@ -182,16 +202,12 @@ class GlobalOutage:
     end: float
     failure: FailureClass = FailureClass.CONNECT_REFUSED
 
-    def fails(
-        self, agent: str, region: str, check: str, at: float, rng: random.Random
-    ) -> FailureClass | None:
-        if check == self.check and self.start <= at < self.end:
-            return self.failure
-        return None
+    def hits(self, agent: str, region: str, check: str) -> bool:
+        return check == self.check
 
 
 @dataclass(frozen=True, slots=True)
-class RegionalOutage:
+class RegionalOutage(_WindowFault):
     """``check``'s target is unreachable from every agent of ``region``."""
 
     check: str
@@ -200,16 +216,12 @@ class RegionalOutage:
     end: float
     failure: FailureClass = FailureClass.CONNECT_TIMEOUT
 
-    def fails(
-        self, agent: str, region: str, check: str, at: float, rng: random.Random
-    ) -> FailureClass | None:
-        if check == self.check and region == self.region and self.start <= at < self.end:
-            return self.failure
-        return None
+    def hits(self, agent: str, region: str, check: str) -> bool:
+        return check == self.check and region == self.region
 
 
 @dataclass(frozen=True, slots=True)
-class AgentOutage:
+class AgentOutage(_WindowFault):
     """``check``'s target is unreachable from ``agent`` alone."""
 
     check: str
@@ -218,16 +230,12 @@ class AgentOutage:
     end: float
     failure: FailureClass = FailureClass.CONNECT_TIMEOUT
 
-    def fails(
-        self, agent: str, region: str, check: str, at: float, rng: random.Random
-    ) -> FailureClass | None:
-        if check == self.check and agent == self.agent and self.start <= at < self.end:
-            return self.failure
-        return None
+    def hits(self, agent: str, region: str, check: str) -> bool:
+        return check == self.check and agent == self.agent
 
 
 @dataclass(frozen=True, slots=True)
-class AgentCutOff:
+class AgentCutOff(_WindowFault):
     """``agent`` reaches no target at all, while its stream to the coordinator stays up."""
 
     agent: str
@@ -235,12 +243,8 @@ class AgentCutOff:
     end: float
     failure: FailureClass = FailureClass.CONNECT_TIMEOUT
 
-    def fails(
-        self, agent: str, region: str, check: str, at: float, rng: random.Random
-    ) -> FailureClass | None:
-        if agent == self.agent and self.start <= at < self.end:
-            return self.failure
-        return None
+    def hits(self, agent: str, region: str, check: str) -> bool:
+        return agent == self.agent
 
 
 @dataclass(frozen=True, slots=True)
