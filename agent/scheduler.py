@@ -22,9 +22,11 @@ agent's task group; cancelling it stops every check:
   (``skipped``), with a warning at most every ``SKIP_LOG_PERIOD``. Past the machine's
   capacity this keeps the probes that do run honest instead of letting every one of them
   time out in a saturated event loop.
-- Out of schedule: ``run_now`` (a second opinion the coordinator asked for) starts one
-  extra run of each named check at once, unless its previous run is still in flight. The
-  grid stays where it is, and the same admission control applies.
+- Out of schedule: ``run_now`` (a second opinion the coordinator asked for) starts a run
+  of each named check at once, beside its run in flight if there is one (a second opinion
+  must not wait for a probe that is timing out), but never a third. The grid stays where
+  it is, and the same admission control applies. So a quick answer can overtake a run
+  that started earlier: results of one check are in the order they finished, not started.
 - Results get the next sequence number of this scheduler (1, 2, 3, ...) when they enter
   the outbox, so the outbox, the link's buffer and the stream all carry them in sequence
   order: the coordinator's "everything at or below N" acknowledgements rely on that. When
@@ -183,10 +185,13 @@ class Scheduler:
         """Start one run of each named check at once, out of schedule; returns how many
         runs started.
 
-        A check whose previous run is still in flight is left to it; a name not assigned
-        is ignored, and so is a name given twice. The check's grid does not move: its next
-        run stays due when it was. Runs beyond ``max_in_flight`` are skipped and counted
-        like scheduled ones. Before ``run`` has started, nothing runs.
+        A check with a run in flight gets one *extra* run beside it, which leaves the run
+        in flight the check's own (a slot due meanwhile still skips as an overrun); a check
+        with an extra run in flight too is left to them, so at most two runs of a check
+        are ever in flight. A name not assigned is ignored, and so is a name given twice.
+        The check's grid does not move: its next run stays due when it was. Runs beyond
+        ``max_in_flight`` are skipped and counted like scheduled ones. Before ``run`` has
+        started, nothing runs.
         """
         loop = self._loop
         if loop is None or self._timeline is None:
@@ -195,9 +200,27 @@ class Scheduler:
         started = 0
         for name in dict.fromkeys(names):
             slot = self._slots.get(name)
-            if slot is not None and slot.run is None and self._launch(slot, now):
+            if slot is None:
+                continue
+            if slot.run is None:
+                launched = self._launch(slot, now)
+            elif slot.extra is None or slot.extra.over:
+                launched = self._launch_extra(slot, now)
+            else:
+                launched = False  # two runs in flight already
+            if launched:
                 started += 1
         return started
+
+    def _launch_extra(self, slot: _Slot, now: float) -> bool:
+        """Start a run of ``slot``'s check beside its own run in flight, as the slot's
+        extra run; True when it started."""
+        own = slot.run
+        if not self._launch(slot, now):
+            return False
+        # _launch made the new run the slot's own (or None if it is over already).
+        slot.extra, slot.run = slot.run, own
+        return True
 
     async def run(self) -> None:
         """Run the assigned checks until cancelled; then every run in flight is stopped
@@ -238,6 +261,8 @@ class Scheduler:
         slot.stopped = True  # its next firing does nothing
         if slot.run is not None:
             self._release(slot.run)
+        if slot.extra is not None:
+            self._release(slot.extra)
 
     def _fire(self, slot: _Slot) -> None:
         """A check's slot is due: schedule the next one and start a run."""
@@ -264,8 +289,8 @@ class Scheduler:
         self._launch(slot, now)
 
     def _launch(self, slot: _Slot, now: float) -> bool:
-        """Start a run of ``slot``'s check, which has none in flight, if admission
-        control lets it (otherwise it is skipped and counted); True when it started."""
+        """Start a run of ``slot``'s check as its own run, if admission control lets it
+        (otherwise it is skipped and counted); True when it started."""
         if len(self._running) >= self._max_in_flight:
             self._skip(slot, now)
             return False
@@ -402,9 +427,10 @@ def _internal(exc: Exception) -> ProbeOutcome:
 
 
 class _Slot:
-    """One assigned check: what runs it, its next due time and its run in flight."""
+    """One assigned check: what runs it, its next due time and its runs in flight (its
+    own and an extra one, asked for by ``run_now``)."""
 
-    __slots__ = ("assignment", "due", "launch", "probe", "run", "stopped")
+    __slots__ = ("assignment", "due", "extra", "launch", "probe", "run", "stopped")
 
     def __init__(self, assignment: Assignment, probe: ProbeFn, launch: Launch | None) -> None:
         self.assignment = assignment
@@ -412,6 +438,7 @@ class _Slot:
         self.launch = launch
         self.due = 0.0
         self.run: _Run | None = None
+        self.extra: _Run | None = None  # over once its outcome is in: look at .over
         self.stopped = False
 
 

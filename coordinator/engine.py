@@ -33,10 +33,14 @@ How a verdict is reached
    verdict waits: an outage seen everywhere goes from ``up`` to ``global`` in one
    transition once the answers are in, instead of passing through ``local`` and
    ``regional`` as results trickle in, and failures are confirmed within seconds instead
-   of intervals. An episode ends when nobody asked is left to hear from (a scheduled
-   result counts as an answer), at its deadline (the check's timeout plus
-   ``second_opinion_slack`` after the latest ask, noticed by ``tick()``), or when who
-   counts changes (an agent leaves, is impaired or recovers, a view goes stale).
+   of intervals. A result from a probe that started before the agent was first asked in
+   the episode is no answer: it tells what the target did before the change, and the
+   agent runs the asked probe beside it (``agent/scheduler.py``), so the answer is still
+   due. Any later result is one (a scheduled result too), and an agent whose view no
+   longer wavers is not asked again. An episode ends when nobody asked is left to hear
+   from, at its deadline (the check's timeout plus ``second_opinion_slack`` after the
+   latest ask, noticed by ``tick()``), or when who counts changes (an agent leaves, is
+   impaired or recovers, a view goes stale).
 
 4. **Freshness.** A view is *fresh* while the agent is connected and its latest result for
    the check arrived within ``stale_intervals * interval + timeout`` seconds (the check's
@@ -58,10 +62,11 @@ How a verdict is reached
    views are left out of every count (the reason names it; ``impaired()`` lists it) until
    it fails no more than that share again.
 
-6. **Flapping.** A view *flaps* when over its latest 20 results its confirmed state
-   changed on at least 25% of them (stops below 10%), or its moving average of failures
-   reaches 40% (stops below 30%): a target that works about half the time. A flapping view
-   counts as up in its region.
+6. **Flapping.** A view *flaps* when its confirmed state changed at least 3 times over its
+   latest 20 results (down, up and down again; it stops flapping once at most one change
+   is left in that window), or when its moving average of failures reaches 40% (stops
+   below 30%): a target that works about half the time. A flapping view counts as up in
+   its region.
 
 7. **Regions.** Among a region's fresh, healthy agents with a confirmed view (the
    *counted* agents), the region is ``down`` when strictly more than half of them are
@@ -118,16 +123,20 @@ Parameters (``EngineSettings``)
 Errors: a result for a check the engine does not know, or from an agent that is not
 connected, is a caller bug and raises ``ValueError``; so do invalid settings and a check
 set with a duplicate name. The engine folds every result it is given, in call order:
-recognising duplicates and replays by sequence number is the caller's job.
+recognising duplicates and replays by sequence number is the caller's job. An agent's
+results for a check may come out of the order their probes started (an asked probe that
+overtook one timing out); they too are folded as they come.
 
 Cost: ``observe()`` touches one check; when the agent's contribution to it (view, failure
-class, freshness) did not change and nobody else has gone stale, it does not re-evaluate
-at all. A re-evaluation is linear in the check's agents. Each check remembers when its
-earliest fresh view expires; once that time has passed (``observe()`` or ``tick()``,
-whichever comes first), one pass over its views (no re-evaluation) either finds that no
-view actually went stale -- results arrived meanwhile -- and moves the time on, or
-re-evaluates. So while agents keep reporting, a check costs one such pass per staleness
-window, not a re-evaluation, and ``tick()`` is a scan of the checks that finds nothing due.
+class, flapping, freshness) did not change and nobody else has gone stale, it does not
+re-evaluate at all, and an episode of second opinions during which no contribution
+changed ends without one too. A re-evaluation is linear in the check's agents. Each
+check remembers when its earliest fresh view expires; once that time has passed
+(``observe()`` or ``tick()``, whichever comes first), one pass over its views (no
+re-evaluation) either finds that no view actually went stale -- results arrived
+meanwhile -- and moves the time on, or re-evaluates. So while agents keep reporting, a
+check costs one such pass per staleness window, not a re-evaluation, and ``tick()`` is a
+scan of the checks that finds nothing due.
 """
 
 from __future__ import annotations
@@ -145,18 +154,6 @@ from .verdicts import ProbeNow, RegionState, RegionView, Transition, Verdict, Ve
 
 # Agents named one by one in a reason; the rest are summarised as "N more".
 _NAMED_AGENTS = 5
-# Flapping (as Nagios detects it, without its weights): over a view's latest FLAP_WINDOW
-# results, the share of them that changed its *confirmed* state. A view starts flapping
-# at FLAP_START and stops below FLAP_STOP; it is judged once it has more than
-# FLAP_MIN_CHANGES results. Confirmed changes, not raw ones: random loss fails single
-# probes (32% raw changes at 20% loss) but almost never confirms a change (see
-# max_false_down), while a target down every other interval, re-probed as second
-# opinions, changes its confirmed state every two or three results.
-# A target failing about half its probes while its views stay up (max_false_down makes
-# such a view need many failures in a row) is flapping too: a view whose moving average
-# of failures reaches FLAKY_START counts as flapping until it falls below FLAKY_STOP.
-# At 20% random loss the average (memory 20) has a standard deviation of about 0.065:
-# 0.4 is three of them above.
 # How far an agent's clock may lag the coordinator's before its fresh answers to a second
 # opinion are taken for probes that started before the ask (NTP keeps them within ms).
 ASK_CLOCK_MARGIN = 0.5
@@ -168,13 +165,27 @@ _MAX_ASKS = 12
 # Until a view has seen enough results to know its check's random loss, it assumes this
 # much: a new view needs a few more failures in a row than a well-known clean one.
 LOSS_PRIOR = 0.01
+# Flapping (as Nagios detects it, but counting changes rather than weighing them): over
+# a view's latest FLAP_WINDOW results, how many changed its *confirmed* state. A view
+# starts flapping at FLAP_START changes (down, up, down again) and stops at FLAP_STOP or
+# fewer. Confirmed changes, not raw ones: at 20% random loss 32% of the results differ
+# from the one before, more than for a target down and up every interval or two (13% in
+# the benchmark: second opinions repeat each state), but random loss almost never
+# confirms a change (see max_false_down), so three confirmed changes are a target that
+# really went down twice. A count of them, rather than a share of the window, calls it
+# flapping as soon as it goes down the second time, not after seven transitions.
+# A target failing about half its probes while its views stay up (max_false_down makes
+# such a view need many failures in a row) is flapping too: a view whose moving average
+# of failures reaches FLAKY_START counts as flapping until it falls below FLAKY_STOP.
+# At 20% random loss the average (memory 20) has a standard deviation of about 0.065:
+# 0.4 is three of them above.
 FLAP_WINDOW = 20
-FLAP_START = 0.25
-FLAP_STOP = 0.1
+FLAP_START = 3
+FLAP_STOP = 1
 FLAKY_START = 0.4
 FLAKY_STOP = 0.3
-FLAP_MIN_CHANGES = 10
 _FLAP_MASK = (1 << (FLAP_WINDOW + 1)) - 1
+_CHANGE_MASK = (1 << FLAP_WINDOW) - 1  # bit i: whether result i changed the state
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +218,6 @@ class EngineSettings:
             fail_after=_chosen(options.fail_after, self.fail_after),
             recover_after=_chosen(options.recover_after, self.recover_after),
         )
-
-    @property
-    def loss_weight(self) -> float:
-        """The weight of each new result in a view's moving average of random failures."""
-        return 1.0 / self.loss_memory
 
     def failures_needed(self, loss: float) -> int:
         """Failures in a row that confirm a view down, for a view whose probes fail at
@@ -307,7 +313,6 @@ class _View:
         "needed",
         "observed_at",
         "run",
-        "seen",
         "up",
     )
 
@@ -319,10 +324,9 @@ class _View:
         self.observed_at = -math.inf
         self.failure: FailureClass | None = None
         self.message = ""
-        # The latest FLAP_WINDOW + 1 results, newest in bit 0 (1 = success), and how many
-        # of those bits are real; flapping as of the latest result.
-        self.history = 0
-        self.seen = 0
+        # The confirmed state after each of the latest FLAP_WINDOW + 1 results, newest in
+        # bit 0 (1 = up); -1 before the first. Flapping as of the latest result.
+        self.history = -1
         self.flapping = False
         # The share of this agent's probes of the check that fail at random (a moving
         # average), and the failures in a row the current run of failures needs.
@@ -332,8 +336,7 @@ class _View:
     def forget(self) -> None:
         self.up = None
         self.run = 0
-        self.history = 0
-        self.seen = 0
+        self.history = -1
         self.flapping = False
 
     @property
@@ -348,57 +351,60 @@ class _View:
             return False
         return self.up is not self.last_success
 
-    def contribution(self) -> tuple[bool | None, FailureClass | None, bool]:
-        """What this (fresh) view adds to the verdict's evidence."""
-        return (self.up, self.failure if self.up is False else None, self.flapping)
-
     def fold(self, result: ProbeResult, now: float, settings: EngineSettings) -> None:
+        self.observed_at = now
         outcome = result.outcome
-        success = outcome.success
-        if success == self.last_success:
-            self.run += 1
+        up = self.up
+        if outcome.success:
+            if self.last_success:
+                self.run += 1
+            else:
+                self.last_success = True
+                self.run = 1
+            if up is not True:
+                if self.run < (1 if up is None else settings.recover_after):
+                    if up is not None:
+                        self._sample(up)
+                    return
+                up = self.up = True
+            self.loss -= self.loss / settings.loss_memory
+            if self.history == _FLAP_MASK and not self.flapping and self.loss < FLAKY_START:
+                return  # the steady state: up all along, and it stays so (saves the counting)
         else:
-            self.last_success = success
-            self.run = 1
-            if not success:
+            if self.last_success:
+                self.last_success = False
+                self.run = 1
                 self.needed = settings.failures_needed(self.loss)
-        if success:
-            needed = 1 if self.up is None else settings.recover_after
-            if self.up is not True and self.run >= needed:
-                self.up = True
-            if self.up:
-                self.loss -= self.loss * settings.loss_weight
-        else:
+            else:
+                self.run += 1
             self.failure = outcome.failure
             self.message = outcome.message
-            if self.up is not False and self.run >= self.needed:
-                self.up = False
-            if self.up:
-                self.loss += (1.0 - self.loss) * settings.loss_weight
-        self.observed_at = now
-        if self.up is not None:
-            self._sample(self.up)
+            if up is not False and self.run >= self.needed:
+                up = self.up = False
+            elif up:
+                self.loss += (1.0 - self.loss) / settings.loss_memory
+            elif up is None:
+                return
+        self._sample(up)
 
     def _sample(self, up: bool) -> None:
         """Add the confirmed state to the history and decide whether the view flaps."""
-        if up and self.history == _FLAP_MASK and not self.flapping and self.loss < FLAKY_START:
-            return  # the steady state: up all along, and it stays so (saves the counting)
-        self.history = ((self.history << 1) | up) & _FLAP_MASK
-        if self.seen <= FLAP_WINDOW:
-            self.seen += 1
-        if self.seen > FLAP_MIN_CHANGES:
-            changes = self.seen - 1  # state changes the history can show
-            changed = ((self.history ^ (self.history >> 1)) & ((1 << changes) - 1)).bit_count()
-            if self.flapping:
-                self.flapping = changed >= FLAP_STOP * changes or self.loss >= FLAKY_STOP
-            else:
-                self.flapping = changed >= FLAP_START * changes or self.loss >= FLAKY_START
+        history = self.history
+        if history < 0:  # its first confirmed state: as if it had always been so
+            history = _FLAP_MASK if up else 0
+        history = self.history = ((history << 1) | up) & _FLAP_MASK
+        changed = ((history ^ (history >> 1)) & _CHANGE_MASK).bit_count()
+        if self.flapping:
+            self.flapping = changed > FLAP_STOP or self.loss >= FLAKY_STOP
+        else:
+            self.flapping = changed >= FLAP_START or self.loss >= FLAKY_START
 
 
 class _Check:
     __slots__ = (
         "asked",
         "asked_at",
+        "dirty",
         "name",
         "next_expiry",
         "pending",
@@ -427,8 +433,11 @@ class _Check:
         # since, until the deadline; how often each agent was asked in the episode.
         self.pending: set[str] = set()
         self.asked: dict[str, int] = {}
-        self.asked_at: dict[str, float] = {}  # when each agent was last asked
+        self.asked_at: dict[str, float] = {}  # when each agent was first asked in it
         self.round_deadline = -math.inf
+        # A view's contribution changed during the episode: the verdict is re-evaluated
+        # when it ends (otherwise the one stored before it is still exact).
+        self.dirty = False
         self.views: dict[str, _View] = {}
         self.verdict = verdict
         # When the first fresh view of a connected agent goes stale, as of the last
@@ -569,7 +578,7 @@ class VerdictEngine:
             raise ValueError(f"result from agent {agent!r}, which is not connected")
         now = self._clock()
         view = check.views.get(agent)
-        before: tuple[bool | None, FailureClass | None, bool] | None = None  # contribution()
+        fresh = False  # the view counted before this result: it has a contribution to change
         was_failing = False
         if view is None:
             view = check.views[agent] = _View(member)
@@ -581,11 +590,19 @@ class VerdictEngine:
                 if check.stale:
                     check.stale -= 1  # counted stale at the last evaluation, fresh again
             else:
-                before = view.contribution()
+                fresh = True
         settings = check.settings
-        was_up = view.up
+        was_up, was_flapping, was_failure = view.up, view.flapping, view.failure
         view.fold(result, now, settings)
         member.last_observed = now
+        # What the view adds to the evidence: its confirmed state, whether it flaps, and
+        # its failure class while down.
+        changed = (
+            not fresh
+            or view.up is not was_up
+            or view.flapping is not was_flapping
+            or (was_up is False and view.failure is not was_failure)
+        )
         transitions: list[Transition] = []
         failing = view.run > 0 and not view.last_success
         if failing != was_failing:
@@ -598,20 +615,20 @@ class VerdictEngine:
         if settings.second_opinion and (check.asked or view.up is not view.last_success):
             ended = self._second_opinion(check, view, now, result.started_at)
             if check.pending:
+                if changed:
+                    check.dirty = True
                 if now <= check.next_expiry or not self._went_stale(check, now):
                     return transitions  # the verdict waits for the answers
                 check.settle()  # a view went stale: who counts has changed
-                ended = True
-            if ended:
                 self._collect(transitions, check, now)
                 return transitions
-        # The steady state: this agent still says what it said, and nobody has gone stale
-        # since the last evaluation, so the stored verdict and evidence are still exact.
-        if (
-            before is not None
-            and before == view.contribution()
-            and (now <= check.next_expiry or not self._went_stale(check, now))
-        ):
+            if ended and check.dirty:
+                self._collect(transitions, check, now)
+                return transitions
+        # The steady state: no view's contribution changed since the last evaluation
+        # (this one's now, or any during an episode that just ended without one), and
+        # nobody has gone stale, so the stored verdict and evidence are still exact.
+        if not changed and (now <= check.next_expiry or not self._went_stale(check, now)):
             return transitions
         self._collect(transitions, check, now)
         return transitions
@@ -676,12 +693,13 @@ class VerdictEngine:
         An episode starts when a healthy view starts to waver: every healthy agent with
         a fresh view is asked. From then on each agent is asked again as soon as it has
         answered while its view still wavers (not when the slowest agent has answered),
-        up to the results its confirmation needs plus one (for an agent whose scheduled
-        run was still going when asked). An answer from a probe that started before the
-        agent was asked (``started_at``, the agent's clock, more than ``ASK_CLOCK_MARGIN``
-        earlier: agents run one probe of a check at a time, so that run was already going)
-        tells what the target did before the change: the agent is asked again at once.
-        The episode ends when nobody is left to hear from, or at its deadline.
+        up to the results its confirmation needs plus one (for an ask that found the
+        agent with two probes of the check in flight). A result from a probe that started
+        before the agent was first asked in the episode (``started_at``, the agent's
+        clock, more than ``ASK_CLOCK_MARGIN`` earlier) tells what the target did before
+        the change and is no answer: agents run an asked probe beside one in flight, so
+        the answer is still due. The episode ends when nobody is left to hear from, or at
+        its deadline.
         """
         name = view.agent.name
         if not check.asked:
@@ -693,10 +711,8 @@ class VerdictEngine:
         if (
             name in check.pending
             and asked_at - ASK_CLOCK_MARGIN > started_at > now - _PLAUSIBLE_PROBE_AGE
-            and check.asked[name] <= _asks_allowed(view, check)
         ):
-            self._ask(check, [view], now)
-            return False
+            return False  # the asked probe runs beside this one: its answer is still due
         check.pending.discard(name)
         if (
             name not in check.pending
@@ -717,7 +733,7 @@ class VerdictEngine:
         for agent in agents:
             check.pending.add(agent)
             check.asked[agent] = check.asked.get(agent, 0) + 1
-            check.asked_at[agent] = now
+            check.asked_at.setdefault(agent, now)
         check.round_deadline = now + check.timeout + self._settings.second_opinion_slack
         self._requests.append(ProbeNow(check.name, agents))
 
@@ -804,7 +820,9 @@ class VerdictEngine:
         Nothing while a round of second opinions is out: the verdict waits for them.
         """
         if check.pending:
+            check.dirty = True  # evaluate when the episode ends
             return None
+        check.dirty = False
         evaluation = self._evaluate(check, now)
         check.next_expiry = evaluation.next_expiry
         check.stale = evaluation.stale

@@ -337,7 +337,7 @@ async def test_run_now_runs_at_once_and_leaves_the_grid_alone() -> None:
     assert at_scheduled - at_first == pytest.approx(1.0, abs=0.15)
 
 
-async def test_run_now_leaves_a_run_in_flight_alone(until: Any) -> None:
+async def test_run_now_runs_beside_a_run_in_flight_but_never_a_third(until: Any) -> None:
     probe = Probe(block=lambda c: c.name == "busy")
     outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
     scheduler = scheduler_for(probe, outbox)
@@ -348,14 +348,66 @@ async def test_run_now_leaves_a_run_in_flight_alone(until: Any) -> None:
     async with running(scheduler):
         await until(lambda: len(probe.calls) == 2)
         [idle] = await take(outbox, 1)
-        assert scheduler.run_now(["busy", "idle"]) == 1
+        assert scheduler.run_now(["busy", "idle"]) == 2
         [again] = await take(outbox, 1)
+        assert scheduler.run_now(["busy"]) == 0  # its own run and an extra one in flight
         await asyncio.sleep(0.05)
-        assert sorted(name for name, _, _ in probe.calls) == ["busy", "idle", "idle"]
+        assert sorted(name for name, _, _ in probe.calls) == ["busy", "busy", "idle", "idle"]
 
     assert (idle.check, again.check) == ("idle", "idle")
-    assert probe.cancelled == ["127.0.0.1:1"]  # the busy run, stopped with the scheduler
+    assert probe.cancelled == ["127.0.0.1:1"] * 2  # both busy runs, stopped with the scheduler
     assert scheduler.skipped == 0  # left alone, not skipped
+
+
+async def test_an_asked_run_overtakes_a_slow_scheduled_one(until: Any) -> None:
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow_first(check: AnyCheck) -> ProbeOutcome:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await release.wait()
+        return UP
+
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = Scheduler(
+        outbox, agent="eu-1", region="eu", probes={"tcp": slow_first}, rng=NoJitter()
+    )
+    scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
+
+    async with running(scheduler):
+        await until(lambda: calls == 1)
+        assert scheduler.run_now(["c"]) == 1
+        [asked] = await take(outbox, 1)
+        # The scheduled run is still the check's own: with it and the extra one done, a
+        # new ask finds room again.
+        release.set()
+        [scheduled] = await take(outbox, 1)
+        assert scheduler.run_now(["c"]) == 1
+        [third] = await take(outbox, 1)
+
+    assert [r.seq for r in (asked, scheduled, third)] == [1, 2, 3]
+    assert asked.started_at > scheduled.started_at  # finished first, started later
+    assert third.success
+
+
+async def test_a_new_revision_stops_the_extra_run_too(until: Any) -> None:
+    probe = Probe(block=lambda c: True)
+    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    scheduler = scheduler_for(probe, outbox)
+    scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
+
+    async with running(scheduler):
+        await until(lambda: len(probe.calls) == 1)
+        assert scheduler.run_now(["c"]) == 1
+        await until(lambda: len(probe.calls) == 2)
+        scheduler.apply(True, assign(check(target="127.0.0.1:2", interval="10s", timeout="5s")))
+        await until(lambda: len(probe.cancelled) == 2)
+        assert scheduler.run_now(["c"]) == 1  # beside the new revision's run
+
+    assert probe.cancelled[:2] == ["127.0.0.1:1"] * 2
+    assert outbox.empty()
 
 
 async def test_run_now_ignores_unknown_and_repeated_names() -> None:
@@ -393,7 +445,7 @@ async def test_run_now_beyond_max_in_flight_is_skipped_and_counted(until: Any) -
         await asyncio.sleep(0.05)
 
     assert [name for name, _, _ in probe.calls] == ["free", "slow0", "slow1"]
-    assert scheduler.skipped == 1  # free, for want of room; slow0 was in flight
+    assert scheduler.skipped == 2  # both for want of room, slow0's extra run included
     assert outbox.empty()
 
 

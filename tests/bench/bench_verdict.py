@@ -476,11 +476,12 @@ def score_false_alarms(report: Report, shards: list[LossShard], fleet_text: str,
     report.add(
         section,
         "out-of-schedule probes per check-round",
-        f"asked {stats.requested / rounds:.2f}, run {ran / rounds:.2f} (scheduled: {scheduled})",
+        f"asked {stats.requested / rounds:.2f}, run {ran / rounds:.2f} (scheduled: {scheduled}); "
+        f"{stats.concurrent / rounds:.2f} beside a probe in flight",
     )
     report.add(
         section,
-        "scheduled runs skipped (a requested run in flight)",
+        "scheduled runs skipped (the check's previous run in flight)",
         f"{stats.overran / rounds:.2f} per check-round; results {stats.results / rounds:.2f}",
     )
     if ran / rounds > scheduled / 2:

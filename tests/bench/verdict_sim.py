@@ -26,12 +26,15 @@ Model
   0.05-0.2 s later (the trip to the agent), and its result is folded like any other. A
   request for a probe that is already pending is coalesced; one naming an unknown check or
   agent, or a disconnected agent, is ignored.
-- Like the agent's scheduler (``agent/scheduler.py``), an agent runs at most one probe of
-  a check at a time: a requested probe whose check is still in flight when it would start
-  is not run (``busy``), and a scheduled run that comes due while a requested one is in
-  flight is skipped (``overran``); the schedule itself never moves. So each agent's
-  results for a check arrive in the order their probes started. All of these are counted
-  in ``stats``.
+- Like the agent's scheduler (``agent/scheduler.py``), an agent runs at most two probes of
+  a check at a time: the check's own run and one extra. A scheduled run starts as the
+  check's own run; one that comes due while the own run is in flight (an earlier
+  scheduled or requested one) is skipped (``overran``); the schedule itself never moves.
+  A requested probe starts as the own run when there is none, else as the extra run
+  beside it (``concurrent``: a second opinion does not wait for a scheduled probe to time
+  out), and is not run when both are in flight (``busy``). So an agent's results for a
+  check may arrive out of the order their probes started: a quick answer overtakes a
+  probe that is timing out. All of these are counted in ``stats``.
 
 Faults
 ------
@@ -360,8 +363,9 @@ class Stats:
     honoured: int = 0  # of those, passed on to the agent
     coalesced: int = 0  # of those, already pending
     ignored: int = 0  # of those, for an unknown check or agent, or a disconnected agent
-    busy: int = 0  # honoured requests not run: the check was in flight on that agent
-    overran: int = 0  # scheduled runs skipped: a requested run was still in flight
+    busy: int = 0  # honoured requests not run: two probes of the check were in flight
+    concurrent: int = 0  # honoured requests run beside a probe of the check in flight
+    overran: int = 0  # scheduled runs skipped: the check's own run was still in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +421,9 @@ class Simulator:
         self._connected = dict.fromkeys(self._region, False)
         self._seq = dict.fromkeys(self._region, 0)
         self._pending: set[tuple[str, str]] = set()  # (agent, check) requested, not started
-        self._in_flight: set[tuple[str, str]] = set()  # (agent, check) probes running
+        # (agent, check) with its own run in flight, and with an extra (requested) one.
+        self._in_flight: set[tuple[str, str]] = set()
+        self._extra: set[tuple[str, str]] = set()
         self._queue: list[tuple[float, int, int, str, str, Any]] = []
         self._order = itertools.count()
 
@@ -500,13 +506,18 @@ class Simulator:
             push(queue, (at + spec.interval, next(order), _PROBE, agent, check, None))
         else:
             self._pending.discard(key)
-        if key in self._in_flight:
+        extra = key in self._in_flight
+        if extra:
             if scheduled:
                 self.stats.overran += 1
-            else:
+                return
+            if key in self._extra:
                 self.stats.busy += 1
-            return
-        self._in_flight.add(key)
+                return
+            self.stats.concurrent += 1
+            self._extra.add(key)
+        else:
+            self._in_flight.add(key)
         rng = self.rng
         cause: ProbeFault | None = None
         failure: FailureClass | None = None
@@ -523,12 +534,12 @@ class Simulator:
         else:
             outcome = _FAILED[failure]
             duration = spec.timeout if failure in _TIMEOUTS else 0.0005 + rng.random() * 0.0045
-        payload = (at, duration, outcome, cause, not scheduled)
+        payload = (at, duration, outcome, cause, not scheduled, extra)
         push(queue, (at + duration, next(order), _RESULT, agent, check, payload))
 
     def _deliver(self, agent: str, check: str, payload: Any) -> None:
-        started, duration, outcome, cause, asked = payload
-        self._in_flight.discard((agent, check))
+        started, duration, outcome, cause, asked, extra = payload
+        (self._extra if extra else self._in_flight).discard((agent, check))
         if not self._connected[agent]:
             self.stats.dropped += 1
             return

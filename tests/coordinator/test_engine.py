@@ -205,6 +205,30 @@ def test_second_opinions_not_answered_in_time_let_the_verdict_move() -> None:
     assert [t.verdict.state for t in transitions] == [VerdictState.LOCAL]
 
 
+def test_a_probe_that_started_before_the_ask_is_no_answer() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=True)
+    report(engine)
+    clock.advance(30)
+    assert engine.observe("eu-1", result("web", FailureClass.TIMEOUT)) == []
+    [asked] = engine.take_requests()
+    clock.advance(2)
+
+    # us-1's scheduled probe, started 5 s before the ask, timed out: that is what the
+    # target did before. us-1 runs the asked probe beside it: it is not asked again, and
+    # the verdict waits for that answer.
+    assert engine.observe("us-1", result("web", FailureClass.TIMEOUT, at=clock.now - 7)) == []
+    assert engine.take_requests() == []
+    transitions: list[Transition] = []
+    for agent in asked.agents:
+        transitions += engine.observe(agent, result("web", FailureClass.TIMEOUT))
+    transitions += answer(engine, FailureClass.TIMEOUT)
+
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.UP, VerdictState.GLOBAL)
+    ]
+
+
 def test_one_failing_agent_is_local() -> None:
     clock = FakeClock()
     engine = engine_with_fleet(clock)
@@ -903,6 +927,26 @@ def test_a_flapping_target_is_degraded_not_a_storm_of_transitions(second_opinion
         report(engine)
         engine.tick()
     assert state(engine) is VerdictState.UP
+
+
+def test_a_target_is_flapping_as_soon_as_it_goes_down_the_second_time() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=True)
+    report(engine)
+    refused = FailureClass.CONNECT_REFUSED
+    transitions: list[Transition] = []
+    for failure in (refused, None, refused, None, refused):
+        clock.advance(30)
+        transitions += report(engine, dict.fromkeys(FLEET, refused) if failure else None)
+        transitions += answer(engine, failure)
+
+    # Down, up, and down again: three changes of every view's confirmed state, and it
+    # stays degraded while it goes on.
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.UP, VerdictState.GLOBAL),
+        (VerdictState.GLOBAL, VerdictState.UP),
+        (VerdictState.UP, VerdictState.DEGRADED),
+    ]
 
 
 def test_twenty_percent_random_loss_is_no_outage_and_no_flapping() -> None:
