@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint proto proto-check lock system-deps bench bench-deps bench-verdict clean help
+.PHONY: run test scenario lint native proto proto-check lock system-deps bench bench-deps bench-verdict clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -26,10 +26,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-# Debian packages the tests use: promtool (prometheus).
-SYSTEM_TOOLS := promtool:prometheus
+# The probe path, compiled with mypyc into extension modules beside the sources (see
+# vantage/native.py; keep this list in step with COMPILED there). Needs a C compiler and
+# Python's headers, installed here when missing. Rebuilt whenever one of them changes.
+NATIVE := agent/buffer.py agent/probes/http.py agent/probes/network.py agent/scheduler.py \
+	coordinator/engine.py vantage/results.py vantage/wire.py
+native: build/native.stamp  ## compile the probe path with mypyc (run, test and bench do it)
+build/native.stamp: $(VENV)/.installed $(NATIVE) vantage/native.py
+	@include=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	if ! command -v gcc >/dev/null || [ ! -e "$$include/Python.h" ]; then \
+	  echo "installing Debian packages: gcc python3-dev"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends gcc python3-dev >/dev/null; \
+	fi
+	@mkdir -p build
+	@echo "compiling with mypyc: $(NATIVE)"
+	@$(PY) -m vantage.native >build/native.log 2>&1 || { cat build/native.log; exit 1; }
+	@touch $@
+
+# Debian packages the tests use: promtool (prometheus); the multi-region test bed's
+# targets, resolvers, faults and network (nginx, dnsmasq, nftables, iproute2).
+SYSTEM_TOOLS := promtool:prometheus nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2
 system-deps:  ## install the Debian packages the tests need
-	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
+	@missing=$$(for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \
+	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || echo $${pair#*:}; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  $(SUDO) apt-get update -qq && \
@@ -48,17 +68,25 @@ bench-deps:  ## install the Debian packages the benchmark needs
 	fi
 
 BENCH_ARGS ?=
-bench: $(VENV)/.installed bench-deps  ## HTTP probes/s: one agent + coordinator vs blackbox_exporter
+bench: build/native.stamp bench-deps  ## HTTP probes/s: one agent + coordinator vs blackbox_exporter
 	$(PY) tests/bench/bench_http.py $(BENCH_ARGS)
 
 bench-verdict: $(VENV)/.installed  ## verdict engine scores from the seeded simulator (writes docs/verdict-scores.md)
 	$(PY) tests/bench/bench_verdict.py $(BENCH_ARGS)
 
-run: $(VENV)/.installed  ## start a coordinator and three agents (eu, us, ap) on this machine
+run: build/native.stamp  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh
 
-test: $(VENV)/.installed system-deps  ## install what the tests need and run them all
+test: build/native.stamp system-deps  ## install what the tests need and run them all
 	$(BIN)/pytest
+
+# Outage scenarios on the multi-region test bed (tests/testbed/; needs root), e.g.
+# make scenario S="../shared/scenarios/03-regional-blackhole.yaml tests/scenarios/*.yaml"
+S ?=
+SCENARIO_ARGS ?=
+scenario: build/native.stamp system-deps  ## play scenario files on the test bed: S="FILE ..." (root)
+	@[ -n "$(S)" ] || { echo 'usage: make scenario S="FILE ..." [SCENARIO_ARGS="--jobs 2 --keep-logs"]'; exit 2; }
+	$(PY) -m tests.testbed $(SCENARIO_ARGS) $(S)
 
 lint: $(VENV)/.installed  ## ruff and mypy (strict) on the packages
 	$(BIN)/ruff check .
@@ -75,5 +103,6 @@ lock: | $(BIN)/activate  ## re-pin constraints.txt from pyproject.toml
 	$(BIN)/pip install -q pip-tools
 	$(BIN)/pip-compile -q --all-extras --strip-extras --no-header -o constraints.txt pyproject.toml
 
-clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+clean:  ## remove the virtual environment, compiled modules and caches
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache
+	find . -name '*.so' -not -path './.venv/*' -delete

@@ -21,6 +21,7 @@ import gc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from vantage import native
 from vantage.checks import split_host_port
 from vantage.logs import get_logger
 from vantage.results import ProbeResult
@@ -146,7 +147,13 @@ class Agent:
             "agent starting",
             coordinator=self.settings.coordinator,
             instance_id=self.link.instance_id,
+            compiled=len(native.compiled()),
         )
+        stale = native.stale()
+        if stale:
+            self._log.warning(
+                "compiled modules older than their source: run `make native`", modules=stale
+            )
         previous = gc.get_threshold()
         gc.set_threshold(*_GC_THRESHOLD)
         try:

@@ -12,7 +12,7 @@ agent's task group; cancelling it stops every check:
   timeout + grace as a safety net (reported as ``timeout``) and turns any exception from
   a probe into an ``internal`` result, logged with its traceback.
 - Cost per run is what bounds an agent's probe rate, so a run costs no task and no timer
-  of the scheduler's own: runs are started by callbacks of one shared ``_Timeline`` (a
+  of the scheduler's own: runs are started by callbacks of one shared ``Timeline`` (a
   heap woken by a single timer); a probe with a launcher (``agent.probes.launch``) runs
   on loop callbacks and only the others get a task per run; the outer limit is enforced
   by a watchdog that looks at the runs in flight every ``LIMIT_CHECK_PERIOD`` (so a
@@ -38,16 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
-
-import structlog
 
 from vantage.checks import AnyCheck
 from vantage.durations import format_duration
@@ -56,16 +52,13 @@ from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 
 from .probes import LAUNCHERS, PROBES, ProbeFn
 from .probes.launch import Abort, Launch, Prepare
+from .probes.network import Timeline
 
 DEFAULT_GRACE = 1.0
 DEFAULT_MAX_IN_FLIGHT = 2_000
 SKIP_LOG_PERIOD = 10.0
 # How often the watchdog looks for probes past their hard limit (timeout + grace).
 LIMIT_CHECK_PERIOD = 0.1
-# libuv's timers have millisecond resolution: a wake-up may come up to this early.
-_TIMER_SLACK = 0.001
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +116,7 @@ class Scheduler:
         self._slots: dict[str, _Slot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._group: asyncio.TaskGroup | None = None
-        self._timeline: _Timeline[_Slot] | None = None
+        self._timeline: Timeline[_Slot] | None = None
         self._running: dict[_Run, None] = {}  # runs in flight, in start order
         self._next_seq = 1
         self._dropped = 0
@@ -231,7 +224,7 @@ class Scheduler:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                self._timeline = _Timeline(loop, self._fire, self._log)
+                self._timeline = Timeline(loop, self._fire, self._log)
                 try:
                     for slot in self._slots.values():
                         self._start(slot)
@@ -301,7 +294,7 @@ class Scheduler:
         self._running[run] = None
         if slot.launch is not None:
             try:
-                run.abort = slot.launch(loop, functools.partial(self._finished, run))
+                run.abort = slot.launch(loop, functools.partial(self._ended, run))
             except Exception as exc:
                 self._log.exception("probe raised", check=check.name)
                 self._finished(run, _internal(exc))
@@ -327,6 +320,11 @@ class Scheduler:
             else:
                 outcome = _internal(exc)
                 self._log.exception("probe raised", check=check.name)
+        self._finished(run, outcome)
+
+    def _ended(self, run: _Run, outcome: ProbeOutcome) -> None:
+        """A launched probe's outcome: it has released what it held, nothing to abort."""
+        run.abort = None
         self._finished(run, outcome)
 
     def _finished(self, run: _Run, outcome: ProbeOutcome) -> None:
@@ -386,13 +384,9 @@ class Scheduler:
     def _publish(
         self, assignment: Assignment, started_at: float, duration: float, outcome: ProbeOutcome
     ) -> None:
+        # Positional: keywords cost more, and this runs for every result.
         result = ProbeResult(
-            check=assignment.name,
-            check_revision=assignment.revision,
-            seq=self._next_seq,
-            started_at=started_at,
-            duration=duration,
-            outcome=outcome,
+            assignment.name, assignment.revision, self._next_seq, started_at, duration, outcome
         )
         try:
             self._outbox.put_nowait(result)
@@ -456,70 +450,3 @@ class _Run:
         self.task: asyncio.Task[None] | None = None
         self.cut_off = False  # the watchdog stopped it
         self.over = False  # its outcome is in, or it was stopped
-
-
-class _Timeline(Generic[_T]):
-    """Hands any number of items to one callback at their due times, with a single timer.
-
-    ``call_at(when, item)`` calls ``callback(item)`` once the loop clock reaches
-    ``when``, give or take a millisecond (libuv's timer resolution). Items are kept in
-    one slot per millisecond and only the slots go through a heap, so at thousands of
-    runs a second a wake-up costs one timer and a heap operation per millisecond, not per
-    run, and scheduling allocates nothing per item. An exception from the callback is
-    logged and the other items still go.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        callback: Callable[[_T], None],
-        log: structlog.typing.FilteringBoundLogger,
-    ) -> None:
-        self._loop = loop
-        self._callback = callback
-        self._log = log
-        self._slots: dict[int, list[_T]] = {}
-        self._keys: list[int] = []  # heap of the slots' milliseconds
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_key: float = math.inf
-        self._closed = False
-
-    def call_at(self, when: float, item: _T) -> None:
-        if self._closed:
-            return
-        key = math.ceil(when * 1000)
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = []
-            heapq.heappush(self._keys, key)
-            if key < self._timer_key:
-                self._arm(key)
-        slot.append(item)
-
-    def close(self) -> None:
-        """Call nothing more."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._slots.clear()
-        self._keys.clear()
-
-    def _arm(self, key: int) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_key = key
-        self._timer = self._loop.call_at(key / 1000, self._ring)
-
-    def _ring(self) -> None:
-        self._timer = None
-        self._timer_key = math.inf
-        keys, slots, callback = self._keys, self._slots, self._callback
-        now = (self._loop.time() + _TIMER_SLACK) * 1000
-        while keys and keys[0] <= now and not self._closed:
-            for item in slots.pop(heapq.heappop(keys)):
-                try:
-                    callback(item)
-                except Exception:
-                    self._log.exception("scheduler callback failed")
-        if keys and not self._closed:
-            self._arm(keys[0])

@@ -147,6 +147,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from vantage.checks import AnyCheck, VerdictOptions
 from vantage.results import FailureClass, ProbeResult
 
@@ -188,6 +190,9 @@ _FLAP_MASK = (1 << (FLAP_WINDOW + 1)) - 1
 _CHANGE_MASK = (1 << FLAP_WINDOW) - 1  # bit i: whether result i changed the state
 
 
+# An ordinary class even when compiled (vantage.native): a compiled class would refuse a
+# value of the wrong type with its own TypeError before validation names the setting.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     """The engine's thresholds; see the module docstring. Validated on construction."""

@@ -13,3 +13,16 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def pytest_configure(config: object) -> None:
+    # A compiled module older than its source would test stale code (vantage/native.py).
+    import pytest
+
+    from vantage import native
+
+    stale = native.stale()
+    if stale:
+        raise pytest.UsageError(
+            f"compiled modules older than their source: {', '.join(stale)}; run `make native`"
+        )

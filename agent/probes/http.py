@@ -74,6 +74,7 @@ from .network import (
     by_ip_version,
     classify_connect_error,
     connect,
+    deadline,
     describe_os_error,
     enter_host,
     format_peer,
@@ -184,7 +185,7 @@ class _DirectRun:
             self._clock, plan.request, plan.keep_body, check.follow_redirects, self._answered
         )
         self._connection = _PlainConnection(loop, self._reader)
-        self._timer = loop.call_at(self._deadline, self._connection.expire)
+        self._timer = deadline(loop, self._deadline, self._connection.expire)
         self._connection.open(direct.family, direct.address, plan.request.data)
 
     def abort(self) -> None:
@@ -825,7 +826,9 @@ class _PlainConnection:
         self._reader.abandon()
 
     def close(self) -> None:
-        self._unwatch()
+        if self._reading or self._writing:
+            self._reading = self._writing = False
+            self._watcher.discard(self._fd)
         if self._sock is not None:
             self._sock.close()
 

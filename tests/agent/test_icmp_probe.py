@@ -204,7 +204,7 @@ async def main():
     facts = dataclasses.replace(IcmpFacts.gather(), raw_socket=False)
     print(json.dumps({{
         "failure": outcome.failure, "message": outcome.message,
-        "details": dataclasses.asdict(outcome.details),
+        "details": outcome.details.as_dict(),
         "total": outcome.phases.total, "without_raw": select_icmp_access(facts).mode.value
         if select_icmp_access(facts).mode else None,
     }}))
