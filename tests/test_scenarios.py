@@ -1,7 +1,8 @@
 """The outage scenarios in ../shared/scenarios are the verdicts' specification; the
-multi-region test bed (issue 5) plays them. Until it does, this keeps the contract
-between them and the code: every scenario's checks are valid checks for the
-coordinator once the runner turns each target name into a real URL or host:port."""
+multi-region test bed (tests/testbed/, tests/test_testbed.py) plays them, as root. These
+tests keep the contract between them and the code where the test bed cannot run: every
+scenario's checks are valid checks for the coordinator once a target name becomes a real
+URL or host:port, and its states and failure classes are ones the code knows."""
 
 from __future__ import annotations
 
