@@ -46,7 +46,7 @@ build/native.stamp: $(VENV)/.installed $(NATIVE) vantage/native.py
 
 # Debian packages the tests use: promtool (prometheus); the multi-region test bed's
 # targets, resolvers, faults and network (nginx, dnsmasq, nftables, iproute2).
-SYSTEM_TOOLS := promtool:prometheus nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2
+SYSTEM_TOOLS := promtool:prometheus mosquitto:mosquitto nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2
 system-deps:  ## install the Debian packages the tests need
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || echo $${pair#*:}; done); \

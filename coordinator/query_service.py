@@ -89,3 +89,15 @@ class QueryService(query_pb2_grpc.QueryServiceServicer):
         return query_pb2.ListAgentsResponse(
             agents=[agent_to_pb(agent) for agent in self._fleet.agents(self._engine.impaired())]
         )
+
+    async def GetHistory(
+        self, request: query_pb2.GetHistoryRequest, context: Context
+    ) -> query_pb2.GetHistoryResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetHistory is not served yet")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def CheckNow(
+        self, request: query_pb2.CheckNowRequest, context: Context
+    ) -> query_pb2.CheckNowResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CheckNow is not served yet")
+        raise AssertionError("unreachable")  # abort raises

@@ -12,7 +12,8 @@ Lifecycle of a stream:
   coordinator -> Assignments(full=false) on changes, ResultAck after each batch,
                  Heartbeat, Recheck (a second opinion: probe these now; the
                  results come back in ordinary ResultBatches),
-                 ProbeRequest (on-demand, reserved)
+                 ProbeRequest (on-demand: probe this once now; the agent
+                 answers with a ProbeResponse)
 A wrong token ends the stream with UNAUTHENTICATED before any state is created.
 """
 
@@ -572,28 +573,69 @@ Global___IcmpDetails: _TypeAlias = IcmpDetails  # noqa: Y015
 
 @_typing.final
 class ProbeRequest(_message.Message):
-    """Reserved for on-demand checks ("check now"), carried on the same stream."""
+    """An on-demand check ("check now"), carried on the same stream. The agent runs it
+    once, now, beside its scheduled checks, and answers with a ProbeResponse (never
+    in a ResultBatch: it is not one of its assignments).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CHECK_FIELD_NUMBER: _builtins.int
+    GUARD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     @_builtins.property
     def check(self) -> _common_pb2.Check: ...
+    @_builtins.property
+    def guard(self) -> Global___AddressGuard:
+        """When set, the agent refuses to connect to an address outside what the guard
+        allows, checked after DNS resolution and on every redirect.
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         check: _common_pb2.Check | None = ...,
+        guard: Global___AddressGuard | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "guard", b"guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "guard", b"guard", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProbeRequest: _TypeAlias = ProbeRequest  # noqa: Y015
+
+@_typing.final
+class AddressGuard(_message.Message):
+    """Which addresses an on-demand probe may reach. Refused by default: loopback,
+    private (RFC 1918, RFC 4193), link-local, carrier-grade NAT, multicast,
+    unspecified, reserved and cloud-metadata addresses.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CIDRs allowed even when they fall in a refused range."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "enabled", b"enabled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddressGuard: _TypeAlias = AddressGuard  # noqa: Y015
 
 @_typing.final
 class ProbeResponse(_message.Message):
@@ -601,7 +643,12 @@ class ProbeResponse(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    refused: _builtins.str
+    """Non-empty when the guard refused the probe: why (for example
+    "10.0.0.5 (private) is not allowed for on-demand checks").
+    """
     @_builtins.property
     def result(self) -> Global___ProbeResult: ...
     def __init__(
@@ -609,10 +656,11 @@ class ProbeResponse(_message.Message):
         *,
         request_id: _builtins.str = ...,
         result: Global___ProbeResult | None = ...,
+        refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused", b"refused", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

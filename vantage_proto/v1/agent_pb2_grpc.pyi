@@ -12,7 +12,8 @@ Lifecycle of a stream:
   coordinator -> Assignments(full=false) on changes, ResultAck after each batch,
                  Heartbeat, Recheck (a second opinion: probe these now; the
                  results come back in ordinary ResultBatches),
-                 ProbeRequest (on-demand, reserved)
+                 ProbeRequest (on-demand: probe this once now; the agent
+                 answers with a ProbeResponse)
 A wrong token ends the stream with UNAUTHENTICATED before any state is created.
 """
 

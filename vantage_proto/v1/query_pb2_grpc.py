@@ -55,6 +55,16 @@ class QueryServiceStub:
                 request_serializer=vantage_dot_v1_dot_query__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=vantage_dot_v1_dot_query__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/vantage.v1.QueryService/GetHistory',
+                request_serializer=vantage_dot_v1_dot_query__pb2.GetHistoryRequest.SerializeToString,
+                response_deserializer=vantage_dot_v1_dot_query__pb2.GetHistoryResponse.FromString,
+                _registered_method=True)
+        self.CheckNow = channel.unary_unary(
+                '/vantage.v1.QueryService/CheckNow',
+                request_serializer=vantage_dot_v1_dot_query__pb2.CheckNowRequest.SerializeToString,
+                response_deserializer=vantage_dot_v1_dot_query__pb2.CheckNowResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -74,7 +84,9 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchVerdicts(self, request, context):
-        """Every verdict transition from the moment of the call on.
+        """Every verdict transition from the moment of the call on, or, with after_id,
+        every kept transition after that id first (resuming a watch). OUT_OF_RANGE when
+        transitions after after_id are no longer kept: re-list, then watch again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +94,24 @@ class QueryServiceServicer:
 
     def ListAgents(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHistory(self, request, context):
+        """The transitions of one check over a time range, oldest first, with evidence.
+        NOT_FOUND when no check has that name and none is on record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckNow(self, request, context):
+        """Probe any URL or host now from every connected agent (over their streams),
+        collect the answers until a deadline, and judge them. PERMISSION_DENIED when the
+        on-demand guard refuses the target, RESOURCE_EXHAUSTED past the client's rate
+        limit, INVALID_ARGUMENT for a target that is not a URL or host.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -108,6 +138,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=vantage_dot_v1_dot_query__pb2.ListAgentsRequest.FromString,
                     response_serializer=vantage_dot_v1_dot_query__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=vantage_dot_v1_dot_query__pb2.GetHistoryRequest.FromString,
+                    response_serializer=vantage_dot_v1_dot_query__pb2.GetHistoryResponse.SerializeToString,
+            ),
+            'CheckNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckNow,
+                    request_deserializer=vantage_dot_v1_dot_query__pb2.CheckNowRequest.FromString,
+                    response_serializer=vantage_dot_v1_dot_query__pb2.CheckNowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +258,60 @@ class QueryService:
             '/vantage.v1.QueryService/ListAgents',
             vantage_dot_v1_dot_query__pb2.ListAgentsRequest.SerializeToString,
             vantage_dot_v1_dot_query__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vantage.v1.QueryService/GetHistory',
+            vantage_dot_v1_dot_query__pb2.GetHistoryRequest.SerializeToString,
+            vantage_dot_v1_dot_query__pb2.GetHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vantage.v1.QueryService/CheckNow',
+            vantage_dot_v1_dot_query__pb2.CheckNowRequest.SerializeToString,
+            vantage_dot_v1_dot_query__pb2.CheckNowResponse.FromString,
             options,
             channel_credentials,
             insecure,

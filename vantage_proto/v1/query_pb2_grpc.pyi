@@ -38,8 +38,21 @@ class QueryServiceStub:
     """NOT_FOUND when no check has that name."""
     ListVerdicts: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListVerdictsRequest, _query_pb2.ListVerdictsResponse]
     WatchVerdicts: _grpc.UnaryStreamMultiCallable[_query_pb2.WatchVerdictsRequest, _query_pb2.VerdictTransition]
-    """Every verdict transition from the moment of the call on."""
+    """Every verdict transition from the moment of the call on, or, with after_id,
+    every kept transition after that id first (resuming a watch). OUT_OF_RANGE when
+    transitions after after_id are no longer kept: re-list, then watch again.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListAgentsRequest, _query_pb2.ListAgentsResponse]
+    GetHistory: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetHistoryRequest, _query_pb2.GetHistoryResponse]
+    """The transitions of one check over a time range, oldest first, with evidence.
+    NOT_FOUND when no check has that name and none is on record.
+    """
+    CheckNow: _grpc.UnaryUnaryMultiCallable[_query_pb2.CheckNowRequest, _query_pb2.CheckNowResponse]
+    """Probe any URL or host now from every connected agent (over their streams),
+    collect the answers until a deadline, and judge them. PERMISSION_DENIED when the
+    on-demand guard refuses the target, RESOURCE_EXHAUSTED past the client's rate
+    limit, INVALID_ARGUMENT for a target that is not a URL or host.
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
@@ -48,8 +61,21 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """NOT_FOUND when no check has that name."""
     ListVerdicts: _aio.UnaryUnaryMultiCallable[_query_pb2.ListVerdictsRequest, _query_pb2.ListVerdictsResponse]  # type: ignore[assignment]
     WatchVerdicts: _aio.UnaryStreamMultiCallable[_query_pb2.WatchVerdictsRequest, _query_pb2.VerdictTransition]  # type: ignore[assignment]
-    """Every verdict transition from the moment of the call on."""
+    """Every verdict transition from the moment of the call on, or, with after_id,
+    every kept transition after that id first (resuming a watch). OUT_OF_RANGE when
+    transitions after after_id are no longer kept: re-list, then watch again.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_query_pb2.ListAgentsRequest, _query_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    GetHistory: _aio.UnaryUnaryMultiCallable[_query_pb2.GetHistoryRequest, _query_pb2.GetHistoryResponse]  # type: ignore[assignment]
+    """The transitions of one check over a time range, oldest first, with evidence.
+    NOT_FOUND when no check has that name and none is on record.
+    """
+    CheckNow: _aio.UnaryUnaryMultiCallable[_query_pb2.CheckNowRequest, _query_pb2.CheckNowResponse]  # type: ignore[assignment]
+    """Probe any URL or host now from every connected agent (over their streams),
+    collect the answers until a deadline, and judge them. PERMISSION_DENIED when the
+    on-demand guard refuses the target, RESOURCE_EXHAUSTED past the client's rate
+    limit, INVALID_ARGUMENT for a target that is not a URL or host.
+    """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -73,7 +99,10 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.WatchVerdictsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_query_pb2.VerdictTransition], _abc.AsyncIterator[_query_pb2.VerdictTransition]]:
-        """Every verdict transition from the moment of the call on."""
+        """Every verdict transition from the moment of the call on, or, with after_id,
+        every kept transition after that id first (resuming a watch). OUT_OF_RANGE when
+        transitions after after_id are no longer kept: re-list, then watch again.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(
@@ -81,5 +110,27 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.ListAgentsResponse, _abc.Awaitable[_query_pb2.ListAgentsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetHistory(
+        self,
+        request: _query_pb2.GetHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.GetHistoryResponse, _abc.Awaitable[_query_pb2.GetHistoryResponse]]:
+        """The transitions of one check over a time range, oldest first, with evidence.
+        NOT_FOUND when no check has that name and none is on record.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckNow(
+        self,
+        request: _query_pb2.CheckNowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.CheckNowResponse, _abc.Awaitable[_query_pb2.CheckNowResponse]]:
+        """Probe any URL or host now from every connected agent (over their streams),
+        collect the answers until a deadline, and judge them. PERMISSION_DENIED when the
+        on-demand guard refuses the target, RESOURCE_EXHAUSTED past the client's rate
+        limit, INVALID_ARGUMENT for a target that is not a URL or host.
+        """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
