@@ -130,6 +130,7 @@ class Agent:
             apply=self.scheduler.apply,
             run_now=self.scheduler.run_now,
             capabilities=tuple(probes),
+            probes=probes,
             buffer_size=settings.buffer_size,
             batch_size=settings.batch_size,
             batch_interval=settings.batch_interval,

@@ -11,7 +11,9 @@ agent for good (``FatalError``). Each stream goes:
 3. then, concurrently: send ``ResultBatch``es (up to ``batch_size`` results, or whatever
    arrived within ``batch_interval``) and a ``Heartbeat`` when idle for the heartbeat
    interval; apply ``Assignments`` to the scheduler; hand a ``Recheck``'s names to the
-   scheduler to probe at once (``run_now``); forget acknowledged results. The
+   scheduler to probe at once (``run_now``); run a ``ProbeRequest`` (an on-demand check)
+   at once and answer it with a ``ProbeResponse`` (``agent.ondemand``; probes still
+   running when the stream ends go with it); forget acknowledged results. The
    coordinator acknowledges every batch and answers every heartbeat: one left unanswered
    for ``reply_timeout`` means the coordinator went silent, and the stream is abandoned.
 
@@ -34,7 +36,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NoReturn
 
 import grpc
@@ -50,7 +52,8 @@ from vantage_proto.v1.agent_pb2_grpc import AgentServiceStub
 
 from .buffer import ResultBuffer
 from .errors import FatalError, TransientError, most_severe
-from .probes import PROBES
+from .ondemand import OnDemandProbes
+from .probes import PROBES, ProbeFn
 from .scheduler import Assignment
 
 __all__ = ["ApplyAssignments", "CoordinatorLink", "FatalError", "RunNow", "TransientError"]
@@ -93,6 +96,7 @@ class CoordinatorLink:
         run_now: RunNow,
         instance_id: str | None = None,
         capabilities: Sequence[str] = tuple(PROBES),
+        probes: Mapping[str, ProbeFn] | None = None,
         buffer_size: int = 100_000,
         batch_size: int = 500,
         batch_interval: float = 0.2,
@@ -137,6 +141,12 @@ class CoordinatorLink:
         self._last_sent = 0.0
         self._awaiting_since: float | None = None  # a batch or heartbeat is unanswered
         self._dropping = False
+        # On-demand checks run with ``probes`` (default: this build's probes of the
+        # announced capabilities); writes to a stream are serialised by ``_write_lock``.
+        if probes is None:
+            probes = {kind: PROBES[kind] for kind in capabilities if kind in PROBES}
+        self._on_demand = OnDemandProbes(probes, agent=name, region=region)
+        self._write_lock = asyncio.Lock()
 
     @property
     def dropped(self) -> int:
@@ -189,6 +199,7 @@ class CoordinatorLink:
         self._welcomed_at = None
         self._awaiting_since = None
         self._assigned.clear()  # each stream starts with a full set
+        self._write_lock = asyncio.Lock()
         async with grpc.aio.insecure_channel(self._target) as channel:
             call: _Call = AgentServiceStub(channel).Connect(None, metadata=self._metadata)
             try:
@@ -197,6 +208,10 @@ class CoordinatorLink:
                     group.create_task(self._receive(call), name="link receive")
                     group.create_task(self._send(call), name="link send")
                     group.create_task(self._watch_silence(), name="link watchdog")
+                    group.create_task(
+                        self._on_demand.serve(lambda message: self._write(call, message)),
+                        name="link on-demand",
+                    )
             except BaseExceptionGroup as group:
                 raise most_severe(group) from None
             finally:
@@ -254,8 +269,9 @@ class CoordinatorLink:
                 pass  # hearing anything is what counts
             elif kind == "welcome":
                 self._buffer.ack(message.welcome.last_seq)
+            elif kind == "probe_request":
+                self._on_demand.submit(message.probe_request)
             else:
-                # probe_request (on-demand checks) is reserved for a later issue.
                 self._log.debug("coordinator message ignored", kind=kind)
 
     def _on_assignments(self, message: agent_pb2.Assignments) -> None:
@@ -381,8 +397,11 @@ class CoordinatorLink:
         return message
 
     async def _write(self, call: _Call, message: agent_pb2.AgentMessage) -> None:
+        # One write at a time: batches, heartbeats and on-demand answers come from
+        # different tasks.
         try:
-            await call.write(message)
+            async with self._write_lock:
+                await call.write(message)
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc.code(), exc.details()) from None
         except asyncio.InvalidStateError:

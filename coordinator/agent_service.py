@@ -14,7 +14,8 @@ Lifecycle of a ``Connect`` stream, as the coordinator runs it:
 4. Then, in any order: a ResultBatch is folded into the engine and acknowledged with the
    highest sequence number handled; a Heartbeat is answered; check set changes are pushed
    as incremental Assignments; second opinions the engine asks for are sent as Recheck
-   (see ``send_rechecks``).
+   (see ``send_rechecks``); on-demand ProbeRequests go out (``send_probe``) and their
+   ProbeResponses go to ``coordinator.ondemand``, which also hears of the stream's end.
 5. The stream ends when the agent closes it, is silent for ``SILENCE_HEARTBEATS``
    heartbeat intervals (UNAVAILABLE), is replaced (ABORTED), stops reading so that its
    outbox fills (RESOURCE_EXHAUSTED), or the server stops. Whatever the cause, the agent
@@ -47,6 +48,7 @@ from vantage_proto.v1 import agent_pb2, agent_pb2_grpc
 from .engine import VerdictEngine
 from .fleet import AgentFleet, AgentHello
 from .metrics import CoordinatorMetrics
+from .ondemand import OnDemandChecks
 from .registry import CheckChange, CheckRegistry
 from .tokens import AGENT_NAME, AGENT_NAME_RULE, TokenRegistry
 from .transitions import TransitionRecorder
@@ -175,7 +177,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         metrics: CoordinatorMetrics,
         heartbeat_interval: float,
         clock: Callable[[], float] = time.time,
+        on_demand: OnDemandChecks | None = None,
     ) -> None:
+        self._on_demand = on_demand
         self._engine = engine
         self._fleet = fleet
         self._checks = checks
@@ -190,6 +194,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if change:
             for link in self._fleet.links():
                 link.assign(change)
+
+    def send_probe(self, agent: str, request: agent_pb2.ProbeRequest) -> object | None:
+        """Send an on-demand ProbeRequest on ``agent``'s live stream (never blocks);
+        returns that stream, or None when the agent is not connected."""
+        link = self._fleet.link(agent)
+        if not isinstance(link, _AgentStream):
+            return None
+        link.send(agent_pb2.CoordinatorMessage(probe_request=request))
+        return link
 
     def send_rechecks(self) -> None:
         """Send the second opinions the engine asked for since the last call (never
@@ -332,6 +345,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         finally:
             # Synchronous on purpose: this also runs when the RPC is cancelled.
             self._metrics.stream_closed()
+            if self._on_demand is not None:
+                self._on_demand.stream_ended(hello.name, stream)
             if self._fleet.disconnect(hello.name, stream):
                 self._recorder.record(
                     self._engine.agent_disconnected(hello.name),
@@ -382,8 +397,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 )
             elif kind == "hello":
                 raise _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, "Hello sent twice")
+            elif kind == "probe_response" and self._on_demand is not None:
+                self._on_demand.answered(hello.name, stream, message.probe_response)
             else:
-                # probe_response is reserved for on-demand checks; nothing asks yet.
                 stream_log.debug("agent message ignored", kind=kind)
 
     def _ingest(
@@ -397,6 +413,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         A sequence number at or below the highest handled is a replay, dropped as a
         duplicate before anything else is looked at.
         """
+        started = time.perf_counter()
         name = hello.name
         assigned = self._checks.names()  # a set-like view: `in` without a method call
         observe = self._engine.observe
@@ -431,7 +448,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         # Counted once per batch: per result, the label lookups cost more than the folding.
         if ingested:
             self._fleet.count_result(name, ingested)
-            self._metrics.result_received(hello.region, ingested)
+        self._metrics.results_ingested(hello.region, ingested, started)
         self._fleet.advance_seq(name, hello.instance_id, handled)
         return handled
 
@@ -464,9 +481,9 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | N
 
 def _hello_from_pb(message: agent_pb2.Hello) -> AgentHello:
     """Validate a Hello; ValueError (one line) naming the bad field."""
-    if not AGENT_NAME.match(message.name):
+    if not AGENT_NAME.fullmatch(message.name):
         raise ValueError(f"agent name {message.name[:MAX_FIELD]!r} is invalid ({AGENT_NAME_RULE})")
-    if not AGENT_NAME.match(message.region):
+    if not AGENT_NAME.fullmatch(message.region):
         raise ValueError(f"region {message.region[:MAX_FIELD]!r} is invalid ({AGENT_NAME_RULE})")
     return AgentHello(
         name=message.name,

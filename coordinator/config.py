@@ -3,11 +3,30 @@
 A configuration file is YAML; every key is optional::
 
     listen: 127.0.0.1:7400          # gRPC, for agents and queries; port 0 picks a free port
-    http_listen: 127.0.0.1:9470     # /metrics and /healthz
+    http_listen: 127.0.0.1:9470     # /metrics, /healthz and the JSON API (/api/v1/)
     checks_file: checks.yaml        # relative paths resolve against this file's directory
     tokens_file: tokens.yaml        # without one, no agent is admitted
+    store_file: vantage.db          # verdict history (SQLite); without one it is kept in
+                                    # memory and starts afresh, ids from 1, at each start
+    history_retention: 30d          # transitions older than this are pruned (at least 1s)
     heartbeat_interval: 10s         # how often an idle agent says it is alive
     per_agent_metrics: false        # per-agent series on /metrics (bounded fleets only)
+    on_demand:                      # CheckNow / `vantage check` (coordinator.ondemand)
+      guard: true                   # refuse private, loopback, metadata... addresses
+      allow: [198.51.100.0/24]      # CIDRs the guard lets through
+      rate: 10/min                  # per client address, with a burst of
+      burst: 5
+      max_in_flight: 16             # on-demand checks at once, whoever asks
+      max_timeout: 30s              # the longest probe timeout a client may ask for
+    mqtt:                           # publishing to a broker (coordinator.mqtt); off without url
+      url: mqtt://broker:1883       # or mqtts://broker:8883 (TLS, verifying the broker)
+      topic_prefix: vantage/        # topics: vantage/status, verdict/<check>, agent/<name>, events
+      client_id: vantage-eu         # default: vantage-<hostname>-<pid>-<random>
+      username: vantage             # with password_file: a file holding the password
+      password_file: mqtt.password
+      ca_file: broker-ca.pem        # mqtts only; default: the system's CAs
+      queue_size: 10000             # transitions kept while the broker is away (oldest dropped)
+      keepalive: 60s
     engine:                         # verdict thresholds (coordinator.engine.EngineSettings)
       min_agents: 3
       min_regions: 2
@@ -29,9 +48,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vantage.checks import Seconds
 from vantage.configfile import ConfigError, read_yaml, split_host_port, validation_message
-from vantage.durations import format_duration
+from vantage.durations import duration_within, format_duration
 
 from .engine import EngineSettings
+from .mqtt import MqttConfig
+from .ondemand import OnDemandConfig
+from .store import RETENTION
 
 DEFAULT_LISTEN = "127.0.0.1:7400"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:9470"
@@ -39,6 +61,7 @@ _ENGINE_DEFAULTS = EngineSettings()
 # An agent that misses this many heartbeats in a row is considered gone (see AgentService).
 MIN_HEARTBEAT_INTERVAL = 0.1
 MAX_HEARTBEAT_INTERVAL = 3600.0
+MIN_HISTORY_RETENTION = 1.0
 
 
 class EngineConfig(BaseModel):
@@ -73,9 +96,13 @@ class CoordinatorConfig(BaseModel):
     http_listen: str = DEFAULT_HTTP_LISTEN
     checks_file: Path | None = None
     tokens_file: Path | None = None
+    store_file: Path | None = None
+    history_retention: Seconds = RETENTION
     heartbeat_interval: Seconds = 10.0
     per_agent_metrics: bool = False
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    on_demand: OnDemandConfig = Field(default_factory=OnDemandConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
 
     @field_validator("listen", "http_listen")
     @classmethod
@@ -86,10 +113,14 @@ class CoordinatorConfig(BaseModel):
     @field_validator("heartbeat_interval")
     @classmethod
     def _heartbeat_in_range(cls, seconds: float) -> float:
-        if not MIN_HEARTBEAT_INTERVAL <= seconds <= MAX_HEARTBEAT_INTERVAL:
+        return duration_within(seconds, MIN_HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL)
+
+    @field_validator("history_retention")
+    @classmethod
+    def _retention_in_range(cls, seconds: float) -> float:
+        if seconds < MIN_HISTORY_RETENTION:
             raise ValueError(
-                f"{format_duration(seconds)} is outside "
-                f"{format_duration(MIN_HEARTBEAT_INTERVAL)}..{format_duration(MAX_HEARTBEAT_INTERVAL)}"
+                f"{format_duration(seconds)} is below {format_duration(MIN_HISTORY_RETENTION)}"
             )
         return seconds
 
@@ -97,7 +128,8 @@ class CoordinatorConfig(BaseModel):
 def load_config(path: Path | None) -> CoordinatorConfig:
     """Read and validate a configuration file; None gives the built-in defaults.
 
-    Relative ``checks_file`` and ``tokens_file`` resolve against the file's directory.
+    Relative ``checks_file``, ``tokens_file``, ``store_file`` and the ``mqtt:`` files
+    resolve against the file's directory.
     Raises ``ConfigError`` (one line: file, line, field) on any problem.
     """
     if path is None:
@@ -115,6 +147,8 @@ def load_config(path: Path | None) -> CoordinatorConfig:
         update={
             "checks_file": _resolve(base, config.checks_file),
             "tokens_file": _resolve(base, config.tokens_file),
+            "store_file": _resolve(base, config.store_file),
+            "mqtt": config.mqtt.resolved(base),
         }
     )
 

@@ -91,6 +91,9 @@ How a verdict is reached
      counts as up in its region, never as down).
    - ``up`` when every counted view is up.
 
+   Rules 7 and 8 are ``judge()``, a pure function of per-region tallies: on-demand checks
+   (``coordinator.ondemand``) judge their agents' one-off answers with it too.
+
 Every verdict carries its evidence: a ``RegionView`` for each region with a connected
 agent that has reported on the check (unknown regions included), the names of the down
 regions, the dominant failure class over all down agents (same tie rule), the time of
@@ -137,6 +140,11 @@ re-evaluation) either finds that no view actually went stale -- results arrived
 meanwhile -- and moves the time on, or re-evaluates. So while agents keep reporting, a
 check costs one such pass per staleness window, not a re-evaluation, and ``tick()`` is a
 scan of the checks that finds nothing due.
+
+Measurements: besides its verdict inputs, each view keeps what its latest result measured
+(phase timings while it succeeds, the latest certificate expiry seen), and each check
+counts its failed results by region and class; ``measurements()`` reads them, at scrape
+time, for the coordinator's metrics. Per result that is a few float copies.
 """
 
 from __future__ import annotations
@@ -150,7 +158,7 @@ from dataclasses import dataclass
 from mypy_extensions import mypyc_attr
 
 from vantage.checks import AnyCheck, VerdictOptions
-from vantage.results import FailureClass, ProbeResult
+from vantage.results import FailureClass, HttpDetails, ProbeOutcome, ProbeResult, TcpDetails
 
 from .verdicts import ProbeNow, RegionState, RegionView, Transition, Verdict, VerdictState
 
@@ -309,15 +317,22 @@ class _View:
 
     __slots__ = (
         "agent",
+        "cert_expiry",
+        "connect",
         "failure",
         "flapping",
         "history",
         "last_success",
         "loss",
+        "measured",
         "message",
         "needed",
         "observed_at",
+        "processing",
+        "resolve",
         "run",
+        "tls",
+        "transfer",
         "up",
     )
 
@@ -337,6 +352,13 @@ class _View:
         # average), and the failures in a row the current run of failures needs.
         self.loss = LOSS_PRIOR
         self.needed = 1
+        # What the latest result measured (``measurements()``): its phase timings, kept
+        # while it succeeds (``measured``), as plain floats: a Phases object kept per
+        # view would be one more object per result for the garbage collector to promote
+        # and scan. The certificate expiry of the latest TLS session reported (0: none).
+        self.measured = False
+        self.resolve = self.connect = self.tls = self.processing = self.transfer = 0.0
+        self.cert_expiry = 0.0
 
     def forget(self) -> None:
         self.up = None
@@ -359,6 +381,7 @@ class _View:
     def fold(self, result: ProbeResult, now: float, settings: EngineSettings) -> None:
         self.observed_at = now
         outcome = result.outcome
+        self._measure(outcome)
         up = self.up
         if outcome.success:
             if self.last_success:
@@ -392,6 +415,21 @@ class _View:
                 return
         self._sample(up)
 
+    def _measure(self, outcome: ProbeOutcome) -> None:
+        self.measured = success = outcome.success
+        if success:
+            phases = outcome.phases
+            self.resolve = phases.resolve
+            self.connect = phases.connect
+            self.tls = phases.tls
+            self.processing = phases.processing
+            self.transfer = phases.transfer
+        details = outcome.details
+        if isinstance(details, (HttpDetails, TcpDetails)) and details.tls is not None:
+            expiry = details.tls.earliest_expiry
+            if expiry > 0:
+                self.cert_expiry = expiry
+
     def _sample(self, up: bool) -> None:
         """Add the confirmed state to the history and decide whether the view flaps."""
         history = self.history
@@ -410,6 +448,7 @@ class _Check:
         "asked",
         "asked_at",
         "dirty",
+        "failures",
         "name",
         "next_expiry",
         "pending",
@@ -450,6 +489,8 @@ class _Check:
         # looking again once it has passed is never late, at worst early (_went_stale).
         self.next_expiry = math.inf
         self.stale = 0  # connected agents' stale views, as of the last evaluation
+        # Failed results folded, by the agent's region and the failure class.
+        self.failures: dict[tuple[str, FailureClass], int] = {}
 
     def settle(self) -> None:
         """End the episode of second opinions, if any."""
@@ -458,7 +499,11 @@ class _Check:
         self.asked_at.clear()
 
 
-class _Tally:
+class RegionTally:
+    """What one region's agents say about a check, the input of ``judge``: how many see
+    it up (flapping ones included), which see it down with their failure class, how many
+    are stale, and which of the up ones flap."""
+
     __slots__ = ("failing", "flapping", "stale", "up")
 
     def __init__(self) -> None:
@@ -469,14 +514,61 @@ class _Tally:
 
 
 @dataclass(frozen=True, slots=True)
-class _Evaluation:
+class Judgement:
+    """A check's verdict state with its evidence, as ``judge`` reaches it."""
+
     state: VerdictState
     regions: dict[str, RegionView]
     regions_down: tuple[str, ...]
     failure: FailureClass | None
     reason: str
-    next_expiry: float
-    stale: int  # counted agents' views that were stale
+    stale: int  # agents counted stale, over every region
+
+
+class _PhaseSums:
+    """Phase timings of a region's views added up (floats unboxed when compiled)."""
+
+    __slots__ = ("connect", "processing", "resolve", "tls", "transfer", "views")
+
+    def __init__(self) -> None:
+        self.views = 0
+        self.resolve = self.connect = self.tls = self.processing = self.transfer = 0.0
+
+    def add(self, view: _View) -> None:
+        self.views += 1
+        self.resolve += view.resolve
+        self.connect += view.connect
+        self.tls += view.tls
+        self.processing += view.processing
+        self.transfer += view.transfer
+
+    def means(self) -> tuple[float, float, float, float, float]:
+        n = self.views
+        return (
+            self.resolve / n,
+            self.connect / n,
+            self.tls / n,
+            self.processing / n,
+            self.transfer / n,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Measurements:
+    """What a check's probes measured, beside the verdict (``VerdictEngine.measurements``).
+
+    ``phases``: per region, the mean seconds of each probe phase (``PHASES`` order:
+    resolve, connect, tls, processing, transfer) over the counted views whose latest
+    result succeeded; a region without one is absent. ``cert_expiry``: the earliest
+    certificate expiry (notAfter, Unix seconds) among the latest TLS sessions the counted
+    views reported, 0 when none did. ``failures``: failed results folded since the check
+    was added, by the agent's region and the failure class.
+    """
+
+    check: str
+    phases: dict[str, tuple[float, float, float, float, float]]
+    cert_expiry: float
+    failures: dict[tuple[str, FailureClass], int]
 
 
 class VerdictEngine:
@@ -600,6 +692,10 @@ class VerdictEngine:
         was_up, was_flapping, was_failure = view.up, view.flapping, view.failure
         view.fold(result, now, settings)
         member.last_observed = now
+        failure = result.outcome.failure
+        if failure is not None:
+            counted = (member.region, failure)
+            check.failures[counted] = check.failures.get(counted, 0) + 1
         # What the view adds to the evidence: its confirmed state, whether it flaps, and
         # its failure class while down.
         changed = (
@@ -688,6 +784,37 @@ class VerdictEngine:
     def verdicts(self) -> list[Verdict]:
         """Every check's current verdict, sorted by check name."""
         return [self._checks[name].verdict for name in sorted(self._checks)]
+
+    def measurements(self) -> list[Measurements]:
+        """What every check's probes measured, sorted by check name (see ``Measurements``).
+
+        Phases and certificates come from the views that count now: connected agents not
+        judged impaired, with a fresh view. Linear in the views; nothing is kept.
+        """
+        now = self._clock()
+        measured: list[Measurements] = []
+        for name in sorted(self._checks):
+            check = self._checks[name]
+            sums: dict[str, _PhaseSums] = {}
+            expiry = math.inf
+            for view in check.views.values():
+                member = view.agent
+                if not member.connected or member.impaired or view.observed_at + check.window < now:
+                    continue
+                if 0 < view.cert_expiry < expiry:
+                    expiry = view.cert_expiry
+                if view.measured:
+                    total = sums.get(member.region)
+                    if total is None:
+                        total = sums[member.region] = _PhaseSums()
+                    total.add(view)
+            phases = {region: total.means() for region, total in sums.items()}
+            measured.append(
+                Measurements(
+                    name, phases, expiry if expiry < math.inf else 0.0, dict(check.failures)
+                )
+            )
+        return measured
 
     # -- second opinions ------------------------------------------------------------------
 
@@ -828,8 +955,7 @@ class VerdictEngine:
             check.dirty = True  # evaluate when the episode ends
             return None
         check.dirty = False
-        evaluation = self._evaluate(check, now)
-        check.next_expiry = evaluation.next_expiry
+        evaluation, check.next_expiry = self._evaluate(check, now)
         check.stale = evaluation.stale
         previous = check.verdict.state
         changed = evaluation.state is not previous
@@ -870,10 +996,10 @@ class VerdictEngine:
         check.next_expiry = earliest
         return False
 
-    def _evaluate(self, check: _Check, now: float) -> _Evaluation:
-        """The verdict the check's views support at ``now``; stores nothing."""
-        settings = check.settings
-        tallies: dict[str, _Tally] = {}
+    def _evaluate(self, check: _Check, now: float) -> tuple[Judgement, float]:
+        """The verdict the check's views support at ``now``, and when its earliest fresh
+        view expires; stores nothing."""
+        tallies: dict[str, RegionTally] = {}
         next_expiry = math.inf
         impaired: list[str] = []
         for name, view in check.views.items():
@@ -887,7 +1013,7 @@ class VerdictEngine:
                 continue
             tally = tallies.get(member.region)
             if tally is None:
-                tally = tallies[member.region] = _Tally()
+                tally = tallies[member.region] = RegionTally()
             expiry = view.observed_at + check.window
             if expiry < now:
                 tally.stale += 1
@@ -904,115 +1030,125 @@ class VerdictEngine:
             elif view.up is False:
                 tally.failing.append((name, view.failure))
             # else: fresh but not yet confirmed (e.g. one failure so far): not counted
+        return judge(check.settings, tallies, impaired), next_expiry
 
-        regions: dict[str, RegionView] = {}
-        failing: list[tuple[str, FailureClass | None]] = []
-        flapping: list[str] = []
-        counted = stale = 0
-        for region in sorted(tallies):
-            tally = tallies[region]
-            tally.failing.sort()
-            down = len(tally.failing)
-            members = tally.up + down
-            # Down takes a majority *and* enough down agents: an agent that sees the
-            # check up must never be what tips a region into down.
-            if 2 * down > members:
-                enough = down >= settings.min_region_agents
-                region_state = RegionState.DOWN if enough else RegionState.UNKNOWN
-            elif members >= settings.min_region_agents:
-                region_state = RegionState.UP
-            else:
-                region_state = RegionState.UNKNOWN
-            regions[region] = RegionView(
-                state=region_state,
-                up=tally.up,
-                down=down,
-                stale=tally.stale,
-                failure=_dominant(tally.failing),
-                failing_agents=tuple(name for name, _ in tally.failing),
-            )
-            failing.extend(tally.failing)
-            flapping.extend(tally.flapping)
-            counted += members
-            stale += tally.stale
-        failing.sort()
-        state, reason = self._classify(settings, regions, counted, stale, failing, sorted(flapping))
-        if impaired:
-            reason = f"{reason}; impaired, not counted: {', '.join(sorted(impaired))}"
-        return _Evaluation(
-            state=state,
-            regions=regions,
-            regions_down=tuple(r for r, v in regions.items() if v.state is RegionState.DOWN),
-            failure=_dominant(failing),
-            reason=reason,
-            next_expiry=next_expiry,
-            stale=stale,
+
+def judge(
+    settings: EngineSettings, tallies: dict[str, RegionTally], impaired: list[str]
+) -> Judgement:
+    """The verdict that what each region's agents say supports, under ``settings``
+    (rules 7 and 8 of the module docstring): each region's state, then the check's.
+
+    Pure, and shared: the engine judges its views with it, on-demand checks
+    (``coordinator.ondemand``) their agents' one-off answers. ``impaired`` names agents
+    left out of the tallies for being impaired; the reason mentions them.
+    """
+    regions: dict[str, RegionView] = {}
+    failing: list[tuple[str, FailureClass | None]] = []
+    flapping: list[str] = []
+    counted = stale = 0
+    for region in sorted(tallies):
+        tally = tallies[region]
+        tally.failing.sort()
+        down = len(tally.failing)
+        members = tally.up + down
+        # Down takes a majority *and* enough down agents: an agent that sees the
+        # check up must never be what tips a region into down.
+        if 2 * down > members:
+            enough = down >= settings.min_region_agents
+            region_state = RegionState.DOWN if enough else RegionState.UNKNOWN
+        elif members >= settings.min_region_agents:
+            region_state = RegionState.UP
+        else:
+            region_state = RegionState.UNKNOWN
+        regions[region] = RegionView(
+            state=region_state,
+            up=tally.up,
+            down=down,
+            stale=tally.stale,
+            failure=_dominant(tally.failing),
+            failing_agents=tuple(name for name, _ in tally.failing),
         )
+        failing.extend(tally.failing)
+        flapping.extend(tally.flapping)
+        counted += members
+        stale += tally.stale
+    failing.sort()
+    state, reason = _classify(settings, regions, counted, stale, failing, sorted(flapping))
+    if impaired:
+        reason = f"{reason}; impaired, not counted: {', '.join(sorted(impaired))}"
+    return Judgement(
+        state=state,
+        regions=regions,
+        regions_down=tuple(r for r, v in regions.items() if v.state is RegionState.DOWN),
+        failure=_dominant(failing),
+        reason=reason,
+        stale=stale,
+    )
 
-    def _classify(
-        self,
-        settings: EngineSettings,
-        regions: dict[str, RegionView],
-        counted: int,
-        stale: int,
-        failing: list[tuple[str, FailureClass | None]],
-        flapping: list[str],
-    ) -> tuple[VerdictState, str]:
-        """The verdict state and its one-line reason from the region views, under the
-        check's ``settings``.
 
-        Impaired agents are already left out of ``regions``, ``counted`` and
-        ``failing``; ``flapping`` names the counted agents whose views flap.
-        """
-        down = [r for r, v in regions.items() if v.state is RegionState.DOWN]
-        up = [r for r, v in regions.items() if v.state is RegionState.UP]
-        known = len(down) + len(up)
-        if counted < settings.min_agents:
-            having = f"only {counted}" if counted else "no"
-            stale_note = f" ({stale} stale)" if stale else ""
+def _classify(
+    settings: EngineSettings,
+    regions: dict[str, RegionView],
+    counted: int,
+    stale: int,
+    failing: list[tuple[str, FailureClass | None]],
+    flapping: list[str],
+) -> tuple[VerdictState, str]:
+    """The verdict state and its one-line reason from the region views, under the
+    check's ``settings``.
+
+    Impaired agents are already left out of ``regions``, ``counted`` and
+    ``failing``; ``flapping`` names the counted agents whose views flap.
+    """
+    down = [r for r, v in regions.items() if v.state is RegionState.DOWN]
+    up = [r for r, v in regions.items() if v.state is RegionState.UP]
+    known = len(down) + len(up)
+    if counted < settings.min_agents:
+        having = f"only {counted}" if counted else "no"
+        stale_note = f" ({stale} stale)" if stale else ""
+        return (
+            VerdictState.UNKNOWN,
+            f"{having} fresh {_plural(counted, 'agent')}, {settings.min_agents} needed{stale_note}",
+        )
+    if known < settings.min_regions:
+        having = f"only {known} {_plural(known, 'region')}" if known else "no region"
+        listed = f" ({', '.join(sorted(down + up))})" if known else ""
+        return (
+            VerdictState.UNKNOWN,
+            f"{having} with enough fresh agents{listed}, {settings.min_regions} needed",
+        )
+    if down and not up:
+        if len(failing) < settings.min_agents:
             return (
                 VerdictState.UNKNOWN,
-                f"{having} fresh {_plural(counted, 'agent')}, "
-                f"{settings.min_agents} needed{stale_note}",
-            )
-        if known < settings.min_regions:
-            having = f"only {known} {_plural(known, 'region')}" if known else "no region"
-            listed = f" ({', '.join(sorted(down + up))})" if known else ""
-            return (
-                VerdictState.UNKNOWN,
-                f"{having} with enough fresh agents{listed}, {settings.min_regions} needed",
-            )
-        if down and not up:
-            if len(failing) < settings.min_agents:
-                return (
-                    VerdictState.UNKNOWN,
-                    f"down in every region ({', '.join(down)}) but from only "
-                    f"{len(failing)} {_plural(len(failing), 'agent')}, "
-                    f"{settings.min_agents} needed",
-                )
-            return (
-                VerdictState.GLOBAL,
-                f"down from {len(failing)}/{counted} agents in {len(down)} "
-                f"{_plural(len(down), 'region')}{_parenthesised(_dominant(failing))}",
-            )
-        if down:
-            where = ", ".join(f"{r}{_parenthesised(regions[r].failure)}" for r in down)
-            return VerdictState.REGIONAL, f"down in {where}; up in {', '.join(up)}"
-        if failing:
-            named = [f"{name}{_parenthesised(failure)}" for name, failure in failing]
-            return (
-                VerdictState.LOCAL,
-                f"failing from {len(failing)}/{counted} agents: {_named(named)}",
-            )
-        if flapping and 2 * len(flapping) >= counted:
-            return (
-                VerdictState.DEGRADED,
-                f"flapping from {len(flapping)}/{counted} agents: {_named(flapping)}",
+                f"down in every region ({', '.join(down)}) but from only "
+                f"{len(failing)} {_plural(len(failing), 'agent')}, "
+                f"{settings.min_agents} needed",
             )
         return (
-            VerdictState.UP,
-            f"up from {counted}/{counted} agents in {known} {_plural(known, 'region')}",
+            VerdictState.GLOBAL,
+            f"down from {len(failing)}/{counted} agents in {len(down)} "
+            f"{_plural(len(down), 'region')}{_parenthesised(_dominant(failing))}",
         )
+    if down:
+        where = ", ".join(f"{r}{_parenthesised(regions[r].failure)}" for r in down)
+        return VerdictState.REGIONAL, f"down in {where}; up in {', '.join(up)}"
+    if failing:
+        named = [f"{name}{_parenthesised(failure)}" for name, failure in failing]
+        return (
+            VerdictState.LOCAL,
+            f"failing from {len(failing)}/{counted} agents: {_named(named)}",
+        )
+    if flapping and 2 * len(flapping) >= counted:
+        return (
+            VerdictState.DEGRADED,
+            f"flapping from {len(flapping)}/{counted} agents: {_named(flapping)}",
+        )
+    return (
+        VerdictState.UP,
+        f"up from {counted}/{counted} agents in {known} {_plural(known, 'region')}",
+    )
 
 
 def _asks_allowed(view: _View, check: _Check) -> int:

@@ -1,42 +1,58 @@
-"""The coordinator's HTTP endpoint (``http_listen``): ``/metrics`` and ``/healthz``.
+"""The coordinator's HTTP endpoint (``http_listen``): ``/metrics``, ``/healthz`` and the
+JSON API (``/api/v1/``, see ``coordinator.api``).
 
-``build_app`` is the one place routes are added (the ``/api/v1/`` JSON mirrors of the
-query service go there too). ``HttpEndpoint`` serves an app until cancelled.
+``build_app`` is the one place routes are added. ``HttpEndpoint`` serves an app until
+cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from vantage.configfile import split_host_port
 from vantage.logs import get_logger
 
+from .api import add_routes
 from .errors import ListenError
+from .metrics import EXPOSITION_TYPE
+from .query_service import QueryService
 
 log = get_logger("coordinator.http")
 
 
 def build_app(
-    *, registry: CollectorRegistry, health: Callable[[], Mapping[str, object]]
+    *,
+    metrics: Callable[[Collection[str] | None], bytes],
+    health: Callable[[], Mapping[str, object]],
+    queries: QueryService | None = None,
 ) -> web.Application:
     """The HTTP routes.
 
-    ``/metrics`` is the Prometheus exposition of ``registry``, collected on the event loop
-    at each scrape. ``/healthz`` answers 200 with ``{"status": "ok", **health()}`` while
-    the process serves at all (liveness, not "verdicts are known").
+    ``/metrics`` is ``metrics()`` (``CoordinatorMetrics.exposition``), the Prometheus text
+    format, collected on the event loop at each scrape and compressed when asked;
+    ``?name[]=NAME`` (repeated) narrows it to those families, as prometheus_client's does.
+    ``/healthz`` answers 200 with ``{"status": "ok", **health()}`` while the process
+    serves at all (liveness, not "verdicts are known"). With ``queries``, the JSON API
+    mirrors it under ``/api/v1/`` (``coordinator.api``).
     """
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", **health()})
 
+    async def exposition(request: web.Request) -> web.Response:
+        names = request.query.getall("name[]", None)
+        response = web.Response(body=metrics(names), headers={"Content-Type": EXPOSITION_TYPE})
+        response.enable_compression()  # aiohttp compresses large bodies off the loop
+        return response
+
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/metrics", exposition)
     app.router.add_get("/healthz", healthz)
+    if queries is not None:
+        add_routes(app, queries)
     return app
 
 

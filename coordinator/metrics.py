@@ -1,27 +1,57 @@
 """Prometheus metrics: the only module that knows metric names.
 
-Everything the coordinator exposes on ``/metrics``, prefix ``vantage_``, base units:
+Everything the coordinator exposes on ``/metrics``, prefix ``vantage_``, base units
+(README.md has the same list as a table; keep the two in step).
 
-From the current state, read at scrape time (so a removed check or a gone agent leaves no
-stale series behind):
+Read at scrape time from the current state, so a removed check or a gone agent leaves no
+stale series behind. Per check (the engine's verdicts):
 
-- ``vantage_check_verdict{check,state}``: 1 for the check's current state, 0 for the others.
+- ``vantage_check_verdict{check,state}``: 1 for the check's current state, 0 for the
+  other five (a one-hot state set: alert on ``{state="global"} == 1``).
 - ``vantage_check_region_up{check,region}``: 1 up, 0 down; absent while the region's view
   is unknown.
 - ``vantage_check_region_agents{check,region,view}``: agents of the region whose latest
   confirmed view of the check is ``up``, ``down`` or ``stale``.
-- ``vantage_agents_connected{region}``: connected agents per region (0 once all left).
-- ``vantage_agents_impaired{region}``: agents the engine judges impaired, per region.
+- ``vantage_check_region_failure{check,region,class}``: 1, with the dominant failure class
+  among the region's agents that see the check down; absent when none does. This is the
+  *why* of a region's outage, for alert annotations and dashboards.
+
+Per check, from what the engine keeps of the results it folded (``engine.measurements``):
+
+- ``vantage_check_phase_seconds{check,region,phase}``: mean time of each probe phase
+  (``resolve``, ``connect``, ``tls``, ``processing``, ``transfer``) over the region's
+  agents that count (connected, not impaired, fresh) and whose latest result succeeded.
+  A phase the check's probes do not go through (``tls`` on plain HTTP, ``resolve`` for
+  an IP address) has no series; neither has a region where no such agent is left.
+- ``vantage_check_failures_total{check,region,class}``: failed results folded into the
+  engine, by the agent's region and the failure class (impaired agents' included).
+- ``vantage_check_cert_expiry_timestamp_seconds{check}``: the earliest certificate expiry
+  (notAfter, Unix seconds) in the latest TLS session each counted agent reported on the
+  check (kept through failures that bring none); checks without TLS have no series.
+
+The fleet, aggregated per region (always) and per agent (``per_agent_metrics`` only: the
+series grow with the fleet):
+
+- ``vantage_agents_connected{region}``, ``vantage_agents_disconnected{region}``: agents
+  admitted since the coordinator started, with and without a live stream (0 once all
+  left / all back).
+- ``vantage_agents_impaired{region}``: connected agents the engine judges impaired.
 - ``vantage_agent_connected{agent,region}``, ``vantage_agent_impaired{agent,region}``,
-  ``vantage_agent_last_seen_timestamp_seconds{agent,region}``: only with
-  ``per_agent_metrics``; bounded fleets only.
+  ``vantage_agent_last_seen_timestamp_seconds{agent,region}``,
+  ``vantage_agent_results_received_total{agent,region}``.
 
-Counted as things happen:
+The coordinator's own health, counted as things happen:
 
-- ``vantage_verdict_transitions_total{check,state}``: transitions into ``state``.
-- ``vantage_agent_streams_open``: authenticated agent streams currently open.
 - ``vantage_results_received_total{region}``: results ingested into the engine.
 - ``vantage_results_dropped_total{reason}``: ``unassigned``, ``duplicate``, ``invalid``.
+- ``vantage_results_ingest_seconds_total``: event-loop time spent ingesting result batches
+  (converting, folding into the engine, recording transitions). Over
+  ``vantage_results_received_total`` it is the cost of one result; its rate is the share
+  of a core that ingest takes.
+- ``vantage_engine_tick_duration_seconds`` (histogram): each ``engine.tick()``, about once
+  a second (re-evaluating checks whose views went stale, ending rounds of second opinions).
+- ``vantage_verdict_transitions_total{check,state}``: transitions into ``state``.
+- ``vantage_agent_streams_open``: authenticated agent streams currently open.
 - ``vantage_agent_auth_failures_total``: streams refused for their token.
 - ``vantage_rechecks_requested_total``: out-of-schedule probes (one per agent and check)
   sent to agents as second opinions the verdict engine asked for.
@@ -32,24 +62,35 @@ Counted as things happen:
 
 Plus the standard ``process_*`` and ``python_info`` collectors. Each ``CoordinatorMetrics``
 owns its ``CollectorRegistry``, so several coordinators can live in one process (tests).
+
+Cost: nothing here runs per result. Ingest calls ``results_ingested`` once per batch;
+the engine keeps the measurements as it folds each result (a few float copies in compiled
+code). Means, minima and every per-check series are computed at scrape time, on the event
+loop, in one pass over the state, and written out as text directly (``StateExposition``).
+Series per check: 6 + 1 (expiry, TLS only) + per region about 1 + 3 + 1 (while down) + up
+to 5 phases + the failure classes seen.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from vantage.results import PHASES
+
+from .engine import Measurements
 from .fleet import AgentInfo
 from .verdicts import RegionState, Verdict, VerdictState
 
@@ -57,16 +98,22 @@ from .verdicts import RegionState, Verdict, VerdictState
 # series count at 10,000 checks. The switch is process-wide in prometheus_client.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
 
+# The text format, which every Prometheus reads (the state is written out directly, not
+# through prometheus_client, which negotiates OpenMetrics only for its own families).
+EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DROP_REASONS = ("unassigned", "duplicate", "invalid")
 RELOAD_RESULTS = ("applied", "unchanged", "failed")
-_VIEWS = ("up", "down", "stale")
+# engine.tick() takes well under a millisecond with nothing due and tens of milliseconds
+# when thousands of checks are re-evaluated at once (tests/bench/bench_ingest.py tick).
+TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class CoordinatorMetrics:
     """The coordinator's metrics on its own registry; methods are the events it counts.
 
-    ``verdicts`` and ``agents`` are read at every scrape, on the scraping thread of
-    control (the event loop, for the aiohttp handler), so they need no locking.
+    ``verdicts``, ``measurements`` and ``agents`` are read at every scrape
+    (``exposition``), on the event loop, so they need no locking. ``registry`` holds the
+    rest (and takes other parts' metrics: the MQTT publisher's).
     """
 
     def __init__(
@@ -75,12 +122,13 @@ class CoordinatorMetrics:
         version: str,
         verdicts: Callable[[], Iterable[Verdict]],
         agents: Callable[[], Iterable[AgentInfo]],
+        measurements: Callable[[], Iterable[Measurements]] = lambda: (),
         per_agent: bool = False,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.registry.register(_StateCollector(verdicts, agents, per_agent))
+        self.state = StateExposition(verdicts, measurements, agents, per_agent)
 
         build = Gauge(
             "vantage_build_info",
@@ -104,6 +152,19 @@ class CoordinatorMetrics:
             "vantage_results_received",
             "Probe results ingested into the verdict engine, by the agent's region.",
             ["region"],
+            registry=self.registry,
+        )
+        self._ingest_seconds = Counter(
+            "vantage_results_ingest_seconds",
+            "Event-loop time spent ingesting result batches (converting, folding into the "
+            "verdict engine, recording transitions), in seconds.",
+            registry=self.registry,
+        )
+        self._tick_seconds = Histogram(
+            "vantage_engine_tick_duration_seconds",
+            "Time of each periodic verdict engine tick (stale views, ends of second-opinion "
+            "rounds), in seconds.",
+            buckets=TICK_BUCKETS,
             registry=self.registry,
         )
         self._dropped = Counter(
@@ -144,8 +205,12 @@ class CoordinatorMetrics:
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
 
-    def transition(self, check: str, state: VerdictState) -> None:
-        self._transitions.labels(check, state.value).inc()
+    def exposition(self, names: Collection[str] | None = None) -> bytes:
+        """What ``/metrics`` serves, in the text format (``EXPOSITION_TYPE``): the
+        registry's metrics, then the state read from the engine and the fleet; with
+        ``names`` (``/metrics?name[]=...``), only the families with those sample names."""
+        registry = self.registry if names is None else self.registry.restricted_registry(names)
+        return generate_latest(registry) + self.state.render(names).encode()
 
     def forget_check(self, check: str) -> None:
         """Drop a removed check's counters so removed checks do not accumulate series."""
@@ -153,16 +218,27 @@ class CoordinatorMetrics:
             with contextlib.suppress(KeyError):  # that state was never entered
                 self._transitions.remove(check, state.value)
 
+    def transition(self, check: str, state: VerdictState) -> None:
+        self._transitions.labels(check, state.value).inc()
+
     def stream_opened(self) -> None:
         self._streams_open.inc()
 
     def stream_closed(self) -> None:
         self._streams_open.dec()
 
-    def result_received(self, region: str, count: int = 1) -> None:
-        """``count`` results from an agent of ``region`` went into the engine (one call
-        per batch: a label lookup per result would cost more than the result itself)."""
-        self._received.labels(region).inc(count)
+    def results_ingested(self, region: str, count: int, started: float) -> None:
+        """A batch from an agent of ``region`` was ingested: ``count`` results went into
+        the engine (the others were dropped); ``started`` is ``time.perf_counter()`` when
+        its ingest began. One call per batch: a label lookup per result would cost more
+        than the result."""
+        if count:
+            self._received.labels(region).inc(count)
+        self._ingest_seconds.inc(time.perf_counter() - started)
+
+    def engine_ticked(self, seconds: float) -> None:
+        """One ``engine.tick()`` (with recording its transitions) took ``seconds``."""
+        self._tick_seconds.observe(seconds)
 
     def result_dropped(self, reason: str) -> None:
         if reason not in DROP_REASONS:
@@ -191,112 +267,252 @@ class CoordinatorMetrics:
         self._reloads.labels(result).inc()
 
 
-class _StateCollector(Collector):
-    """Series derived from the engine's verdicts and the fleet, built at scrape time."""
+def _family(name: str, kind: str, text: str) -> str:
+    return f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
+
+
+def _value(label: str) -> str:
+    """A label value as the text format quotes it. Names are validated where they come in
+    (checks, agents, regions), so this is almost always the value itself."""
+    if "\\" in label or '"' in label or "\n" in label:
+        return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return label
+
+
+_STATES = tuple(VerdictState)
+_VERDICT_FAMILIES = frozenset(
+    {
+        "vantage_check_verdict",
+        "vantage_check_region_up",
+        "vantage_check_region_agents",
+        "vantage_check_region_failure",
+    }
+)
+_MEASUREMENT_FAMILIES = frozenset(
+    {
+        "vantage_check_phase_seconds",
+        "vantage_check_failures_total",
+        "vantage_check_cert_expiry_timestamp_seconds",
+    }
+)
+_FLEET_FAMILIES = frozenset(
+    {
+        "vantage_agents_connected",
+        "vantage_agents_disconnected",
+        "vantage_agents_impaired",
+        "vantage_agent_connected",
+        "vantage_agent_impaired",
+        "vantage_agent_last_seen_timestamp_seconds",
+        "vantage_agent_results_received_total",
+    }
+)
+_HEADERS = {
+    "verdict": _family(
+        "vantage_check_verdict",
+        "gauge",
+        "Current verdict of each check: 1 for its state, 0 for the others.",
+    ),
+    "region_up": _family(
+        "vantage_check_region_up",
+        "gauge",
+        "1 when the region sees the check up, 0 when down; absent when unknown.",
+    ),
+    "region_agents": _family(
+        "vantage_check_region_agents",
+        "gauge",
+        "Agents of a region by their current view of the check (up, down, stale).",
+    ),
+    "region_failure": _family(
+        "vantage_check_region_failure",
+        "gauge",
+        "1 with the dominant failure class among the region's agents that see the check "
+        "down; absent when none does.",
+    ),
+    "phase": _family(
+        "vantage_check_phase_seconds",
+        "gauge",
+        "Mean time of a probe phase over the region's counted agents whose latest result "
+        "succeeded, in seconds.",
+    ),
+    "failures": _family(
+        "vantage_check_failures_total",
+        "counter",
+        "Failed probe results, by check, the agent's region and the failure class.",
+    ),
+    "expiry": _family(
+        "vantage_check_cert_expiry_timestamp_seconds",
+        "gauge",
+        "Earliest certificate expiry (notAfter) in the latest TLS sessions the counted "
+        "agents reported on the check, Unix seconds.",
+    ),
+    "connected": _family(
+        "vantage_agents_connected", "gauge", "Agents with a live stream, by region."
+    ),
+    "disconnected": _family(
+        "vantage_agents_disconnected",
+        "gauge",
+        "Agents admitted since the coordinator started whose stream is gone, by region.",
+    ),
+    "impaired": _family(
+        "vantage_agents_impaired",
+        "gauge",
+        "Connected agents the verdict engine judges impaired (failing most of their checks "
+        "while peers see them work), by region.",
+    ),
+    "agent_connected": _family(
+        "vantage_agent_connected",
+        "gauge",
+        "1 while the agent has a live stream (per_agent_metrics only).",
+    ),
+    "agent_impaired": _family(
+        "vantage_agent_impaired",
+        "gauge",
+        "1 while the verdict engine judges the agent impaired (per_agent_metrics only).",
+    ),
+    "agent_seen": _family(
+        "vantage_agent_last_seen_timestamp_seconds",
+        "gauge",
+        "When the agent last sent a message, Unix seconds (per_agent_metrics only).",
+    ),
+    "agent_results": _family(
+        "vantage_agent_results_received_total",
+        "counter",
+        "Probe results of the agent ingested into the verdict engine (per_agent_metrics only).",
+    ),
+}
+
+
+class StateExposition:
+    """The series read from the engine and the fleet at each scrape, in the text format.
+
+    Written out directly rather than through prometheus_client's metric families: those
+    cost about 10 us a sample (sample objects, label name validation and escaping per
+    line), several seconds of the event loop per scrape at 10,000 checks, where this
+    costs well under a microsecond a line. Labels are in sorted order and values floats,
+    as prometheus_client writes them.
+    """
 
     def __init__(
         self,
         verdicts: Callable[[], Iterable[Verdict]],
+        measurements: Callable[[], Iterable[Measurements]],
         agents: Callable[[], Iterable[AgentInfo]],
         per_agent: bool,
     ) -> None:
         self._verdicts = verdicts
+        self._measurements = measurements
         self._agents = agents
         self._per_agent = per_agent
 
-    def describe(self) -> Iterator[Metric]:
-        # Names only: lets the registry refuse a clash at registration without a scrape.
-        yield from self._families()
-
-    def collect(self) -> Iterator[Metric]:
-        (
-            verdict,
-            region_up,
-            region_agents,
-            connected,
-            impaired,
-            agent_up,
-            agent_impaired,
-            agent_seen,
-        ) = self._families()
-        for current in self._verdicts():
-            for state in VerdictState:
-                verdict.add_metric([current.check, state.value], float(state == current.state))
-            for region, view in sorted(current.regions.items()):
-                if view.state != RegionState.UNKNOWN:
-                    region_up.add_metric(
-                        [current.check, region], float(view.state == RegionState.UP)
-                    )
-                for name, count in zip(_VIEWS, (view.up, view.down, view.stale), strict=True):
-                    region_agents.add_metric([current.check, region, name], count)
-        yield verdict
-        yield region_up
-        yield region_agents
-
-        agents = list(self._agents())
-        per_region: dict[str, int] = {}
-        impaired_per_region: dict[str, int] = {}
-        for agent in agents:
-            per_region[agent.region] = per_region.get(agent.region, 0) + agent.connected
-            impaired_per_region[agent.region] = (
-                impaired_per_region.get(agent.region, 0) + agent.impaired
-            )
-        for region, count in sorted(per_region.items()):
-            connected.add_metric([region], count)
-            impaired.add_metric([region], impaired_per_region[region])
-        yield connected
-        yield impaired
-        if self._per_agent:
-            for agent in agents:
-                agent_up.add_metric([agent.name, agent.region], float(agent.connected))
-                agent_impaired.add_metric([agent.name, agent.region], float(agent.impaired))
-                agent_seen.add_metric([agent.name, agent.region], agent.last_seen)
-            yield agent_up
-            yield agent_impaired
-            yield agent_seen
-
-    def _families(self) -> tuple[GaugeMetricFamily, ...]:
-        families = (
-            GaugeMetricFamily(
-                "vantage_check_verdict",
-                "Current verdict of each check: 1 for its state, 0 for the others.",
-                labels=["check", "state"],
-            ),
-            GaugeMetricFamily(
-                "vantage_check_region_up",
-                "1 when the region sees the check up, 0 when down; absent when unknown.",
-                labels=["check", "region"],
-            ),
-            GaugeMetricFamily(
-                "vantage_check_region_agents",
-                "Agents of a region by their current view of the check (up, down, stale).",
-                labels=["check", "region", "view"],
-            ),
-            GaugeMetricFamily(
-                "vantage_agents_connected",
-                "Agents with a live stream, by region.",
-                labels=["region"],
-            ),
-            GaugeMetricFamily(
-                "vantage_agents_impaired",
-                "Connected agents the verdict engine judges impaired (failing most of their "
-                "checks while peers see them work), by region.",
-                labels=["region"],
-            ),
-            GaugeMetricFamily(
-                "vantage_agent_connected",
-                "1 while the agent has a live stream (per_agent_metrics only).",
-                labels=["agent", "region"],
-            ),
-            GaugeMetricFamily(
-                "vantage_agent_impaired",
-                "1 while the verdict engine judges the agent impaired (per_agent_metrics only).",
-                labels=["agent", "region"],
-            ),
-            GaugeMetricFamily(
-                "vantage_agent_last_seen_timestamp_seconds",
-                "When the agent last sent a message, Unix seconds (per_agent_metrics only).",
-                labels=["agent", "region"],
-            ),
+    def render(self, names: Collection[str] | None = None) -> str:
+        """The families named in ``names`` (sample names, as in ``/metrics?name[]=...``),
+        or all of them; only the parts of the state they need are read."""
+        out: dict[str, list[str]] = {}
+        for families, part in (
+            (_VERDICT_FAMILIES, self._render_verdicts),
+            (_MEASUREMENT_FAMILIES, self._render_measurements),
+            (_FLEET_FAMILIES, self._render_fleet),
+        ):
+            if names is None or not families.isdisjoint(names):
+                part(out)
+        return "".join(
+            line
+            for family, lines in out.items()
+            if names is None or family in names
+            for line in lines
         )
-        return families
+
+    def _render_verdicts(self, out: dict[str, list[str]]) -> None:
+        verdict = [_HEADERS["verdict"]]
+        region_up = [_HEADERS["region_up"]]
+        agents = [_HEADERS["region_agents"]]
+        failure = [_HEADERS["region_failure"]]
+        for current in self._verdicts():
+            check = _value(current.check)
+            for state in _STATES:
+                one = "1.0" if state is current.state else "0.0"
+                verdict.append(
+                    f'vantage_check_verdict{{check="{check}",state="{state.value}"}} {one}\n'
+                )
+            for name, view in sorted(current.regions.items()):
+                region = _value(name)
+                where = f'check="{check}",region="{region}"'
+                if view.state is not RegionState.UNKNOWN:
+                    up = "1.0" if view.state is RegionState.UP else "0.0"
+                    region_up.append(f"vantage_check_region_up{{{where}}} {up}\n")
+                agents.append(f'vantage_check_region_agents{{{where},view="up"}} {view.up}.0\n')
+                agents.append(f'vantage_check_region_agents{{{where},view="down"}} {view.down}.0\n')
+                agents.append(
+                    f'vantage_check_region_agents{{{where},view="stale"}} {view.stale}.0\n'
+                )
+                if view.failure is not None:
+                    failure.append(
+                        f'vantage_check_region_failure{{check="{check}",class="{view.failure.value}",'
+                        f'region="{region}"}} 1.0\n'
+                    )
+        out["vantage_check_verdict"] = verdict
+        out["vantage_check_region_up"] = region_up
+        out["vantage_check_region_agents"] = agents
+        out["vantage_check_region_failure"] = failure
+
+    def _render_measurements(self, out: dict[str, list[str]]) -> None:
+        phases = [_HEADERS["phase"]]
+        failures = [_HEADERS["failures"]]
+        expiry = [_HEADERS["expiry"]]
+        for measured in self._measurements():
+            check = _value(measured.check)
+            for name, means in sorted(measured.phases.items()):
+                region = _value(name)
+                for phase, seconds in zip(PHASES, means, strict=True):
+                    if seconds > 0:
+                        phases.append(
+                            f'vantage_check_phase_seconds{{check="{check}",phase="{phase}",'
+                            f'region="{region}"}} {seconds!r}\n'
+                        )
+            for (name, failed), count in sorted(measured.failures.items()):
+                failures.append(
+                    f'vantage_check_failures_total{{check="{check}",class="{failed.value}",'
+                    f'region="{_value(name)}"}} {count}.0\n'
+                )
+            if measured.cert_expiry > 0:
+                expiry.append(
+                    f'vantage_check_cert_expiry_timestamp_seconds{{check="{check}"}} '
+                    f"{measured.cert_expiry!r}\n"
+                )
+        out["vantage_check_phase_seconds"] = phases
+        out["vantage_check_failures_total"] = failures
+        out["vantage_check_cert_expiry_timestamp_seconds"] = expiry
+
+    def _render_fleet(self, out: dict[str, list[str]]) -> None:
+        agents = list(self._agents())
+        per_region: dict[str, list[int]] = {}  # region -> [connected, disconnected, impaired]
+        for agent in agents:
+            counts = per_region.setdefault(agent.region, [0, 0, 0])
+            counts[0 if agent.connected else 1] += 1
+            counts[2] += agent.connected and agent.impaired
+        regions = sorted(per_region.items())
+        for index, header in enumerate(("connected", "disconnected", "impaired")):
+            lines = out[f"vantage_agents_{header}"] = [_HEADERS[header]]
+            for region, counts in regions:
+                lines.append(
+                    f'vantage_agents_{header}{{region="{_value(region)}"}} {counts[index]}.0\n'
+                )
+        if not self._per_agent:
+            return
+        connected = [_HEADERS["agent_connected"]]
+        impaired = [_HEADERS["agent_impaired"]]
+        seen = [_HEADERS["agent_seen"]]
+        results = [_HEADERS["agent_results"]]
+        for agent in agents:
+            who = f'agent="{_value(agent.name)}",region="{_value(agent.region)}"'
+            connected.append(f"vantage_agent_connected{{{who}}} {float(agent.connected)!r}\n")
+            bad = float(agent.connected and agent.impaired)
+            impaired.append(f"vantage_agent_impaired{{{who}}} {bad!r}\n")
+            seen.append(f"vantage_agent_last_seen_timestamp_seconds{{{who}}} {agent.last_seen!r}\n")
+            results.append(
+                f"vantage_agent_results_received_total{{{who}}} {agent.results_received}.0\n"
+            )
+        out["vantage_agent_connected"] = connected
+        out["vantage_agent_impaired"] = impaired
+        out["vantage_agent_last_seen_timestamp_seconds"] = seen
+        out["vantage_agent_results_received_total"] = results

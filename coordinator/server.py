@@ -9,12 +9,16 @@ Lifecycle::
 
 - the gRPC server (``listen``): ``vantage.v1.AgentService``, ``vantage.v1.QueryService``,
   the standard health service (SERVING for "" and both services) and server reflection;
-- the HTTP endpoint (``http_listen``): ``/metrics``, ``/healthz``;
+- the HTTP endpoint (``http_listen``): ``/metrics``, ``/healthz`` and the JSON API
+  (``/api/v1/``, ``coordinator.api``);
 - the engine ticker: ``engine.tick()`` every second, so stale views move verdicts and
   rounds of second opinions end on time (and the rechecks it asks for are sent);
 - the checks reloader: on SIGHUP and when the checks file changes (polled every 2 s).
   A bad file logs one error line and changes nothing; a good one is applied and the
-  change pushed to every connected agent.
+  change pushed to every connected agent;
+- the transition store's pruner (``history_retention``); the store is closed when
+  ``run()`` ends;
+- the MQTT publisher (``coordinator.mqtt``), only when ``mqtt.url`` is configured.
 
 Once both listeners are bound it logs ``coordinator listening`` with the actual
 ``grpc_port`` and ``http_port`` (end-to-end tests read them from that line), fills
@@ -54,8 +58,11 @@ from .errors import ListenError
 from .fleet import AgentFleet
 from .http import HttpEndpoint, build_app
 from .metrics import CoordinatorMetrics
+from .mqtt import MqttPublisher
+from .ondemand import OnDemandChecks
 from .query_service import QueryService
 from .registry import CheckRegistry
+from .store import TransitionStore
 from .tokens import TokenRegistry
 from .transitions import TransitionFeed, TransitionLog, TransitionRecorder
 
@@ -127,8 +134,10 @@ class GrpcEndpoint:
 class Coordinator:
     """One coordinator: fleet, checks, engine, services, metrics and listeners.
 
-    The constructor reads the checks and tokens files named in ``config`` and raises
-    ``ConfigError`` (one line) when either is invalid; nothing listens until ``run()``.
+    The constructor reads the checks and tokens files named in ``config`` (and MQTT's
+    password and CA files), opens the transition store (``store_file``), and raises
+    ``ConfigError`` (one line) when one of them is unusable; nothing listens until
+    ``run()``.
     ``clock`` (wall-clock seconds) drives the engine and the fleet's timestamps.
     ``reload_on_sighup`` installs a SIGHUP handler on the running loop during ``run()``
     (main thread only; leave it off when several coordinators share a process).
@@ -161,13 +170,23 @@ class Coordinator:
             version=__version__,
             verdicts=self.engine.verdicts,
             agents=lambda: self.fleet.agents(self.engine.impaired()),
+            measurements=self.engine.measurements,
             per_agent=config.per_agent_metrics,
         )
-        self.transitions = TransitionLog()
+        self.transitions = TransitionLog(
+            TransitionStore.open(config.store_file, retention=config.history_retention, clock=clock)
+        )
         feed = TransitionFeed(self.metrics)
         self._recorder = TransitionRecorder(self.transitions, feed, self.metrics)
         self._recorder.record(self.engine.set_checks(checks))
 
+        self.on_demand = OnDemandChecks(
+            config.on_demand,
+            config.engine.settings(),
+            fleet=self.fleet,
+            send=lambda agent, request: self._agents.send_probe(agent, request),
+            clock=clock,
+        )
         self._agents = AgentService(
             engine=self.engine,
             fleet=self.fleet,
@@ -177,11 +196,26 @@ class Coordinator:
             metrics=self.metrics,
             heartbeat_interval=config.heartbeat_interval,
             clock=clock,
+            on_demand=self.on_demand,
         )
-        queries = QueryService(self.engine, self.fleet, self.checks, feed)
+        queries = QueryService(self.engine, self.fleet, self.checks, feed, history=self.transitions)
+        queries.on_demand = self.on_demand
         self._grpc = GrpcEndpoint(config.listen, self._agents, queries)
-        app = build_app(registry=self.metrics.registry, health=self._health)
+        app = build_app(metrics=self.metrics.exposition, health=self._health, queries=queries)
         self._http = HttpEndpoint(config.http_listen, app)
+        self.mqtt = (
+            MqttPublisher(
+                config.mqtt,
+                engine=self.engine,
+                fleet=self.fleet,
+                checks=self.checks,
+                history=self.transitions,
+                feed=feed,
+                registry=self.metrics.registry,
+            )
+            if config.mqtt.enabled
+            else None
+        )
 
         self.started = asyncio.Event()
         self.bound_ports: BoundPorts | None = None
@@ -199,6 +233,9 @@ class Coordinator:
                 tasks.create_task(self._announce())
                 tasks.create_task(self._tick())
                 tasks.create_task(self._watch_checks_file())
+                tasks.create_task(self.transitions.store.run())
+                if self.mqtt is not None:
+                    tasks.create_task(self.mqtt.run())
         except ExceptionGroup as group:
             # A bind failure is an operator's problem with one clear line: raise it bare.
             for error in _leaves(group):
@@ -206,6 +243,7 @@ class Coordinator:
                     raise error from None
             raise
         finally:
+            self.transitions.store.close()
             log.info("coordinator stopped")
 
     def reload_checks(self) -> bool:
@@ -250,6 +288,8 @@ class Coordinator:
             removed=list(change.removed),
         )
         self._recorder.record(transitions)
+        if self.mqtt is not None:
+            self.mqtt.checks_changed(change)
         self._agents.push_assignments(change)
         self._agents.send_rechecks()
 
@@ -266,6 +306,11 @@ class Coordinator:
         assert self._grpc.port is not None
         assert self._http.port is not None
         self.bound_ports = BoundPorts(grpc=self._grpc.port, http=self._http.port)
+        if not self.config.on_demand.guard:
+            log.warning(
+                "on-demand guard is off (on_demand.guard: false): CheckNow will probe any "
+                "address, including private, loopback and cloud metadata ones"
+            )
         if not self._tokens:
             log.warning(
                 "no agent tokens configured: every agent will be refused",
@@ -285,7 +330,9 @@ class Coordinator:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_INTERVAL)
+            started = time.perf_counter()
             self._recorder.record(self.engine.tick())
+            self.metrics.engine_ticked(time.perf_counter() - started)
             self._agents.send_rechecks()
 
     async def _watch_checks_file(self) -> None:

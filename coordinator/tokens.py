@@ -54,7 +54,7 @@ class TokenEntry(BaseModel):
     @field_validator("agent")
     @classmethod
     def _valid_agent(cls, agent: str | None) -> str | None:
-        if agent is not None and not AGENT_NAME.match(agent):
+        if agent is not None and not AGENT_NAME.fullmatch(agent):
             raise ValueError(f"{agent!r} is not a valid agent name ({AGENT_NAME_RULE})")
         return agent
 

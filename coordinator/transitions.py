@@ -3,9 +3,9 @@
 Every ``Transition`` the engine returns goes through ``TransitionRecorder.record``:
 
 1. ``TransitionLog`` gives it the next id (ids increase by one per recorded transition)
-   and keeps recent ones in memory. Persistence is a later issue: a store that survives
-   restarts replaces ``TransitionLog`` behind the same ``append``/``last_id`` seam, so ids
-   keep increasing across restarts and replicas can be de-duplicated by id.
+   and keeps it in its ``TransitionStore`` (``coordinator.store``): SQLite in
+   ``store_file``, so the history and the ids survive a restart and ids keep increasing
+   (replicas and MQTT consumers de-duplicate by id), or in memory without one.
 2. One info log line names the check, the state, the previous state and the evidence.
 3. ``vantage_verdict_transitions_total`` counts it.
 4. ``TransitionFeed`` hands it to every watcher without blocking: each watcher has a
@@ -18,49 +18,54 @@ Exceptions: ``WatcherOverflow`` (raised to a watcher that fell behind).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from vantage.logs import get_logger
 
 from .metrics import CoordinatorMetrics
+from .store import RecordedTransition, TransitionStore
 from .verdicts import Transition
+
+__all__ = [
+    "RecordedTransition",
+    "TransitionFeed",
+    "TransitionLog",
+    "TransitionRecorder",
+    "Watcher",
+    "WatcherOverflow",
+]
 
 log = get_logger("coordinator.transitions")
 
 DEFAULT_WATCH_QUEUE = 1024
-DEFAULT_KEPT = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedTransition:
-    """A transition with the id the coordinator gave it."""
-
-    id: int
-    transition: Transition
+DEFAULT_RECENT = 1024
 
 
 class TransitionLog:
-    """Numbers transitions and keeps the most recent ``keep`` of them, in memory."""
+    """Numbers transitions and keeps them in ``store`` (None: a new in-memory store).
 
-    def __init__(self, *, last_id: int = 0, keep: int = DEFAULT_KEPT) -> None:
-        self._last_id = last_id
-        self._recent: deque[RecordedTransition] = deque(maxlen=keep)
+    Ids go on from the highest the store has ever recorded. ``store`` is where the
+    kept transitions are read back (history, the replay of a resumed watch).
+    """
+
+    def __init__(self, store: TransitionStore | None = None) -> None:
+        self.store = store if store is not None else TransitionStore.open(None)
+        self._last_id = self.store.last_id
 
     @property
     def last_id(self) -> int:
+        """The id of the latest recorded transition (0: none ever)."""
         return self._last_id
 
     def append(self, transition: Transition) -> RecordedTransition:
         self._last_id += 1
         recorded = RecordedTransition(self._last_id, transition)
-        self._recent.append(recorded)
+        self.store.add(recorded)
         return recorded
 
-    def recent(self) -> list[RecordedTransition]:
-        """The kept transitions, oldest first."""
-        return list(self._recent)
+    def recent(self, limit: int = DEFAULT_RECENT) -> list[RecordedTransition]:
+        """The newest ``limit`` kept transitions, oldest first."""
+        return self.store.recent(limit)
 
 
 class WatcherOverflow(Exception):
@@ -68,16 +73,20 @@ class WatcherOverflow(Exception):
 
 
 class Watcher:
-    """One subscription to the feed: iterate it for transitions from subscription on.
+    """One subscription to the feed: iterate it for transitions from subscription on
+    (only those of ``checks``, when given).
 
     Iteration raises ``WatcherOverflow`` once the watcher has fallen ``capacity``
     transitions behind; it never ends otherwise. Use as a context manager so it is
     unsubscribed however the watching ends.
     """
 
-    def __init__(self, feed: TransitionFeed, capacity: int) -> None:
+    def __init__(
+        self, feed: TransitionFeed, capacity: int, checks: frozenset[str] = frozenset()
+    ) -> None:
         self._feed = feed
         self._queue: asyncio.Queue[RecordedTransition] = asyncio.Queue(maxsize=capacity)
+        self._checks = checks
         self.overflowed = False
 
     def __enter__(self) -> Watcher:
@@ -90,6 +99,8 @@ class Watcher:
         """Queue without blocking; False (and the watcher is cut off) when full."""
         if self.overflowed:
             return False
+        if self._checks and recorded.transition.check not in self._checks:
+            return True
         try:
             self._queue.put_nowait(recorded)
         except asyncio.QueueFull:
@@ -118,8 +129,9 @@ class TransitionFeed:
         self._capacity = capacity
         self._watchers: set[Watcher] = set()
 
-    def subscribe(self) -> Watcher:
-        watcher = Watcher(self, self._capacity)
+    def subscribe(self, checks: frozenset[str] = frozenset()) -> Watcher:
+        """A new watcher of every transition from now on (only ``checks``', when given)."""
+        watcher = Watcher(self, self._capacity, checks)
         self._watchers.add(watcher)
         self._metrics.watcher_opened()
         return watcher

@@ -63,8 +63,12 @@ def test_revision_follows_the_spec() -> None:
             "label name 'a-b'",
         ),
         (
+            "checks:\n  - {name: w, type: tcp, target: 'h:1', interval: 2w}\n",
+            "'2w' is not a duration",
+        ),
+        (
             "checks:\n  - {name: w, type: tcp, target: 'h:1', interval: 2d}\n",
-            "'2d' is not a duration",
+            "interval 48h is outside 1s..24h",
         ),
         (
             "checks:\n  - {name: w, type: tcp, target: 'h:1', verdict: {fail_after: 0}}\n",
@@ -73,6 +77,11 @@ def test_revision_follows_the_spec() -> None:
         (
             "checks:\n  - {name: w, type: tcp, target: 'h:1', verdict: {quorum: 3}}\n",
             "unknown field 'verdict.quorum'",
+        ),
+        (
+            # A trailing newline must not slip through the name pattern's ``$``.
+            'checks:\n  - {name: "web\\n", type: tcp, target: "h:1"}\n',
+            "'web\\n' is not a valid check name",
         ),
         ("checks: [\n", "f:2: invalid YAML"),
         ("nothing: here\n", "f:1: unknown key 'nothing'"),

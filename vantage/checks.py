@@ -52,7 +52,7 @@ from .configfile import (
     split_host_port,
     validation_message,
 )
-from .durations import format_duration, parse_duration
+from .durations import duration_within, format_duration, parse_duration
 
 __all__ = [
     "PROBE_TYPES",
@@ -218,7 +218,7 @@ class _CheckBase(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, name: str) -> str:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ValueError(
                 f"{name!r} is not a valid check name "
                 "(letters, digits, '.', '_', '-'; at most 128 characters)"
@@ -229,17 +229,13 @@ class _CheckBase(BaseModel):
     @classmethod
     def _labels_are_names(cls, labels: dict[str, str]) -> dict[str, str]:
         for key in labels:
-            if not _LABEL.match(key):
+            if not _LABEL.fullmatch(key):
                 raise ValueError(f"label name {key!r} is not a valid Prometheus label name")
         return labels
 
     @model_validator(mode="after")
     def _timing_fits(self) -> _CheckBase:
-        if not MIN_INTERVAL <= self.interval <= MAX_INTERVAL:
-            raise ValueError(
-                f"interval {format_duration(self.interval)} is outside "
-                f"{format_duration(MIN_INTERVAL)}..{format_duration(MAX_INTERVAL)}"
-            )
+        duration_within(self.interval, MIN_INTERVAL, MAX_INTERVAL, "interval")
         if self.timeout >= self.interval:
             raise ValueError(
                 f"timeout {format_duration(self.timeout)} must be below "

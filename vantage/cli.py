@@ -101,7 +101,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_client_flags(agents)
     agents.set_defaults(run=_run_agents)
+
+    check = commands.add_parser(
+        "check",
+        help="is it down for everyone or just me?",
+        description="Probe a URL or host now from every agent the coordinator has and, at "
+        "the same moment, from this machine; answer down for everyone, regional, or just "
+        "you. Exit 0 when up, 1 when not up (it's just you included), 2 on errors.",
+    )
+    check.add_argument("target", metavar="URL|HOST", help="http(s)://..., HOST:PORT or HOST")
+    check.add_argument(
+        "--type",
+        choices=("http", "tcp", "dns", "icmp"),
+        help="probe type (default: http for a URL, tcp for HOST:PORT, icmp for HOST)",
+    )
+    check.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="probe timeout (default 5)"
+    )
+    check.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    check.add_argument(
+        "--coordinator",
+        default=DEFAULT_COORDINATOR,
+        metavar="HOST:PORT",
+        help=f"coordinator's gRPC address (default {DEFAULT_COORDINATOR})",
+    )
+    check.set_defaults(run=_run_check)
     return parser
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    # Imported here: it imports the probes, and grpc must not load before main() set
+    # GRPC_VERBOSITY.
+    from .check_command import run_check
+
+    return run_check(args)
 
 
 def _add_log_flags(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +208,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     for flag in ("name", "region"):
         value = getattr(args, flag)
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise UsageError(
                 f"--{flag} {value!r} is invalid (letters, digits, '.', '_', '-'; at most 64)"
             )

@@ -5,19 +5,32 @@ Exceptions::
     ClientError            one line for the user; the CLI exits 2
     └── NotFound           the coordinator has no such check
 
-The JSON shapes built here are the stable ``--json`` interface of ARCHITECTURE.md:
-fields may be added, never renamed or removed.
+The JSON shapes are the stable ``--json`` interface of ARCHITECTURE.md, built by
+``vantage.public_json`` (the coordinator's JSON API uses the same converter): fields may
+be added, never renamed or removed.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from vantage_proto.v1 import common_pb2, query_pb2, query_pb2_grpc
+
+from .public_json import enum_text, message_json, timestamp_text
+
+__all__ = [
+    "ClientError",
+    "NotFound",
+    "QueryClient",
+    "agent_json",
+    "failure_name",
+    "region_state_name",
+    "state_name",
+    "timestamp_text",
+    "verdict_json",
+]
 
 
 class ClientError(Exception):
@@ -30,63 +43,24 @@ class NotFound(ClientError):
 
 def state_name(number: int) -> str:
     """VERDICT_STATE_REGIONAL -> 'regional'."""
-    return query_pb2.VerdictState.Name(number).removeprefix("VERDICT_STATE_").lower()  # type: ignore[arg-type]
+    return enum_text(query_pb2.VerdictState.DESCRIPTOR, number) or "unspecified"
 
 
 def region_state_name(number: int) -> str:
-    return query_pb2.RegionState.Name(number).removeprefix("REGION_STATE_").lower()  # type: ignore[arg-type]
+    return enum_text(query_pb2.RegionState.DESCRIPTOR, number) or "unspecified"
 
 
 def failure_name(number: int) -> str | None:
     """FAILURE_CLASS_CONNECT_REFUSED -> 'connect_refused'; None for no failure."""
-    if number == common_pb2.FAILURE_CLASS_UNSPECIFIED:
-        return None
-    return common_pb2.FailureClass.Name(number).removeprefix("FAILURE_CLASS_").lower()  # type: ignore[arg-type]
-
-
-def timestamp_text(stamp: Timestamp) -> str | None:
-    """RFC 3339 in UTC with a Z, to the second; None when unset."""
-    if stamp.seconds == 0 and stamp.nanos == 0:
-        return None
-    moment = datetime.fromtimestamp(stamp.seconds, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return enum_text(common_pb2.FailureClass.DESCRIPTOR, number)
 
 
 def verdict_json(verdict: query_pb2.Verdict) -> dict[str, Any]:
-    return {
-        "check": verdict.check,
-        "state": state_name(verdict.state),
-        "since": timestamp_text(verdict.since),
-        "regions_down": list(verdict.regions_down),
-        "failure": failure_name(verdict.failure),
-        "reason": verdict.reason,
-        "labels": dict(verdict.labels),
-        "regions": {
-            region: {
-                "state": region_state_name(view.state),
-                "up": view.up,
-                "down": view.down,
-                "stale": view.stale,
-                "failure": failure_name(view.failure),
-                "failing_agents": list(view.failing_agents),
-            }
-            for region, view in sorted(verdict.regions.items())
-        },
-    }
+    return message_json(verdict)
 
 
 def agent_json(agent: query_pb2.Agent) -> dict[str, Any]:
-    return {
-        "name": agent.name,
-        "region": agent.region,
-        "connected": agent.connected,
-        "impaired": agent.impaired,
-        "last_seen": timestamp_text(agent.last_seen),
-        "connected_since": timestamp_text(agent.connected_since),
-        "version": agent.version,
-        "capabilities": list(agent.capabilities),
-        "results_received": agent.results_received,
-    }
+    return message_json(agent)
 
 
 class QueryClient:

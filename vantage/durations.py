@@ -1,11 +1,11 @@
-"""Durations as operators write them: ``500ms``, ``1.5s``, ``2s``, ``1m``, ``1h``."""
+"""Durations as operators write them: ``500ms``, ``1.5s``, ``2s``, ``1m``, ``1h``, ``30d``."""
 
 from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
@@ -26,3 +26,15 @@ def format_duration(seconds: float) -> str:
     if millis % 60_000 == 0 and millis:
         return f"{millis // 60_000}m"
     return f"{millis // 1000}s"
+
+
+def duration_within(seconds: float, low: float, high: float, what: str = "") -> float:
+    """``seconds`` when ``low <= seconds <= high``; otherwise ValueError, one line:
+    "[what ]48h is outside 1s..24h"."""
+    if not low <= seconds <= high:
+        named = f"{what} " if what else ""
+        raise ValueError(
+            f"{named}{format_duration(seconds)} is outside "
+            f"{format_duration(low)}..{format_duration(high)}"
+        )
+    return seconds

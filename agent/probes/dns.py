@@ -42,7 +42,8 @@ dns_answer_mismatch    the rcode is as expected but the answers are not:
 connect_refused        the server refused the query (ICMP port unreachable for UDP,
                        RST for TCP)
 network_unreachable    no route to the server
-internal               no nameserver configured on the agent, or a bug
+internal               no nameserver configured on the agent, an on-demand guard
+                       refusing the server, or a bug
 =====================  ===========================================================
 """
 
@@ -77,6 +78,7 @@ from .network import (
     classify_connect_error,
     describe_os_error,
     format_peer,
+    screen,
 )
 
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -125,6 +127,10 @@ async def probe_dns(check: AnyCheck) -> ProbeOutcome:
     details = DnsDetails(server=server)
     deadline = asyncio.timeout(check.timeout)
     try:
+        if check.server:
+            # An on-demand guard applies to the server asked, not to the agent's own
+            # resolver (which is the agent's, whatever its address).
+            screen([(socket.AF_INET6 if ":" in address else socket.AF_INET, address)])
         async with deadline:
             response, tcp_fallback = await _exchange(clock, query, address, port, check.tcp)
     except ProbeFailure as failure:

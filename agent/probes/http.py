@@ -26,6 +26,9 @@ Contract of ``probe_http``:
   the final response (3xx is in the default expected range).
 - It returns within the check's timeout and leaves no socket or task behind, whatever
   the server does.
+- On-demand runs under a guard (``network.ON_DEMAND_GUARD``) screen every hop's
+  addresses, redirects included, before connecting (``network.screen``); a refused one
+  fails the probe as internal ("guard: 10.0.0.5 (private) is not allowed ...").
 - Phases, summed over all hops: resolve (zero for an IP literal), connect, tls (zero for
   plain http), processing (request sent to first response byte) and transfer (first
   byte to end of body). They sum to the probe's duration.
@@ -75,6 +78,7 @@ from .network import (
     by_ip_version,
     classify_connect_error,
     connect,
+    current_guard,
     deadline,
     describe_os_error,
     enter_host,
@@ -115,7 +119,11 @@ async def probe_http(check: AnyCheck) -> ProbeOutcome:
     plan = _plan(check)
     if isinstance(plan, ProbeFailure):
         return ProbeOutcome.failed(plan.failure, plan.message)
-    if plan.direct is not None:
+    # An on-demand run under the guard takes the general path, whose every hop goes
+    # through ``addresses_for`` (and so the guard): the direct path's callbacks run
+    # outside this task's context. Scheduled runs of direct checks never come here:
+    # the scheduler launches them (``prepare_http``).
+    if plan.direct is not None and current_guard() is None:
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[ProbeOutcome] = loop.create_future()
         run = _DirectRun(loop, check, plan, plan.direct, outcome.set_result)

@@ -34,8 +34,9 @@ network_unreachable   no echo reply at all, and the network said why: an ICMP er
 icmp_loss             more than ``max_loss_percent`` of the requests got no reply
                       ("3/3 lost", "1/3 lost (33%) > 0%")
 internal              the agent cannot send ICMP at all (the message says what is
-                      missing and how to allow it), or an IP literal of the wrong
-                      family for ``ip_version``
+                      missing and how to allow it), an IP literal of the wrong
+                      family for ``ip_version``, or an on-demand guard refusing the
+                      address
 ====================  =============================================================
 """
 
@@ -67,7 +68,15 @@ from icmplib import (  # type: ignore[import-untyped]
 from vantage.checks import AnyCheck, IcmpCheck
 from vantage.results import FailureClass, IcmpDetails, ProbeOutcome
 
-from .network import PhaseClock, ProbeFailure, by_ip_version, describe_os_error, ip_literal, resolve
+from .network import (
+    PhaseClock,
+    ProbeFailure,
+    by_ip_version,
+    describe_os_error,
+    ip_literal,
+    resolve,
+    screen,
+)
 
 PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
 _ALL_GROUPS = "0 2147483647"
@@ -237,6 +246,7 @@ async def _address(
         raise ProbeFailure(
             FailureClass.DNS_NXDOMAIN, f"resolve {check.target}: no {family} address"
         )
+    screen(ordered, check.target)  # the on-demand guard, if this run has one
     return ordered[0]
 
 

@@ -15,6 +15,10 @@ Probes use these pieces inside their own deadline:
 - ``per_check`` caches what a probe derives from a check (request bytes, compiled
   patterns) for as long as that check object lives, keeping the hot path free of work
   that only changes with the check's revision.
+- ``screen`` applies the on-demand guard (``vantage.guard``) of the run in progress, if
+  any, to the addresses a probe is about to connect to. An on-demand run sets
+  ``ON_DEMAND_GUARD`` in its own task's context (``agent.ondemand``); scheduled runs never
+  do, and for them ``screen`` is one context-variable lookup.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import socket
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from contextvars import ContextVar
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 import structlog
 
 from vantage.checks import IpVersion
 from vantage.durations import format_duration
+from vantage.guard import Screen
 from vantage.logs import get_logger
 from vantage.results import PHASES, FailureClass, Phases
 
@@ -206,7 +212,34 @@ async def addresses_for(
                 FailureClass.INTERNAL, f"{host} is not an {family} address (ip_version)"
             )
         raise ProbeFailure(FailureClass.DNS_NXDOMAIN, f"resolve {host}: no {family} address")
+    if current_guard() is not None:
+        screen(ordered, host)
     return ordered
+
+
+ON_DEMAND_GUARD: ContextVar[Screen | None] = ContextVar("vantage_on_demand_guard", default=None)
+"""The guard of the on-demand run in this context; None (always, for scheduled runs):
+no guard."""
+# ``current_guard()`` is ``ON_DEMAND_GUARD.get()``, bound once: compiled, a call of it
+# costs a third of a method lookup and call (instruction counts), and the probes ask on
+# every hop.
+current_guard: Final = ON_DEMAND_GUARD.get
+
+
+def screen(addresses: list[tuple[socket.AddressFamily, str]], host: str = "") -> None:
+    """Refuse, under the on-demand guard of this context, to go on to ``addresses`` (of
+    ``host``): ProbeFailure (internal: the agent declined to probe) when any of them is
+    refused, and the guard remembers why. Nothing without a guard.
+
+    Every address is screened, not only the one tried first: a name that resolves to a
+    refused address among allowed ones is refused whole, as at the coordinator.
+    """
+    guard = current_guard()
+    if guard is None:
+        return
+    for _family, address in addresses:
+        if not guard.allowed(address, host):
+            raise ProbeFailure(FailureClass.INTERNAL, f"guard: {guard.refused}")
 
 
 def by_ip_version(

@@ -176,9 +176,10 @@ class FakeAgent:
         self.call.cancel()
 
 
-async def eventually(predicate: Callable[[], Any], what: str) -> Any:
-    """Poll an async or sync predicate until truthy; fail naming ``what``."""
-    deadline = time.monotonic() + WAIT
+async def eventually(predicate: Callable[[], Any], what: str, within: float = WAIT) -> Any:
+    """Poll an async or sync predicate until truthy; fail naming ``what`` after ``within``
+    seconds."""
+    deadline = time.monotonic() + within
     last: Any = None
     while time.monotonic() < deadline:
         last = predicate()

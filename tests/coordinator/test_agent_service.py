@@ -61,6 +61,15 @@ async def test_hello_with_a_bad_name_is_invalid_argument(running: Running) -> No
     assert await _agents(running) == []
 
 
+async def test_hello_with_a_trailing_newline_in_its_name_is_invalid_argument(
+    running: Running,
+) -> None:
+    agent = running.agent("eu-1\n", "eu")
+    await agent.hello()
+    assert await agent.status() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _agents(running) == []
+
+
 async def test_first_message_must_be_hello(running: Running) -> None:
     agent = running.agent()
     await agent.send(heartbeat=agent_pb2.Heartbeat(sent_unix_us=1))

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from coordinator.engine import EngineSettings, VerdictEngine
 from coordinator.verdicts import RegionState, RegionView, Transition, VerdictState
 from vantage.checks import AnyCheck, parse_check
-from vantage.results import FailureClass, ProbeOutcome, ProbeResult
+from vantage.results import (
+    FailureClass,
+    HttpDetails,
+    Phases,
+    ProbeOutcome,
+    ProbeResult,
+    TlsDetails,
+)
 
 T0 = 1_800_000_000.0
 # interval 30s, timeout 10s: with the default stale_intervals=2 a view is fresh for 70s.
@@ -798,7 +805,7 @@ def test_invariants_hold_under_any_sequence_of_events(
             # No view has expired since the last evaluation, so the stored verdict must be
             # exactly what the views support now: observe()'s shortcut and tick()'s
             # due-list skipped nothing they should not have.
-            fresh = engine._evaluate(internal, clock.now)
+            fresh, _ = engine._evaluate(internal, clock.now)
             assert (
                 fresh.state,
                 fresh.regions,
@@ -1020,3 +1027,60 @@ def test_an_agent_whose_canaries_are_all_down_is_impaired_whatever_its_peers_see
         report(engine, name="canary")
         report(engine, name="web")
     assert engine.impaired() == frozenset()
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def measured(
+    phases: tuple[float, ...] = (), failure: FailureClass | None = None, expiry: float = 0.0
+) -> ProbeResult:
+    """A web result with phase timings and, with ``expiry``, a TLS session."""
+    tls = TlsDetails("TLSv1.3", "", expiry) if expiry else None
+    details = HttpDetails(status_code=200, tls=tls)
+    at = FakeClock.latest.now if FakeClock.latest is not None else T0
+    found = (
+        ProbeOutcome(True, None, "", Phases(*phases), details)
+        if failure is None
+        else ProbeOutcome.failed(failure, "failed here", Phases(*phases), details)
+    )
+    return ProbeResult("web", 1, next(_seq), at, 0.05, found)
+
+
+def test_measurements_come_from_the_views_that_count() -> None:
+    """Phase means per region over fresh, healthy views whose latest result succeeded; the
+    earliest certificate expiry they saw, kept through failures; failures by region and
+    class."""
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    engine.observe("eu-1", measured((0.001, 0.002, 0.003, 0.010, 0.001), expiry=T0 + 9e5))
+    engine.observe("eu-2", measured((0.003, 0.004, 0.005, 0.030, 0.001), expiry=T0 + 8e5))
+    engine.observe("us-1", measured((0.002, 0.020, 0.003, 0.050, 0.002), expiry=T0 + 7e5))
+    engine.observe("us-2", measured(failure=FailureClass.CONNECT_REFUSED))
+    engine.observe("us-2", measured(failure=FailureClass.CONNECT_REFUSED))
+    engine.observe("ap-1", measured((0.001, 0.001, 0.001, 0.001, 0.001)))
+
+    (web,) = engine.measurements()
+    assert web.check == "web"
+    assert web.phases["eu"] == pytest.approx((0.002, 0.003, 0.004, 0.020, 0.001))
+    assert web.phases["us"] == pytest.approx((0.002, 0.020, 0.003, 0.050, 0.002))  # us-2 fails
+    assert web.cert_expiry == T0 + 7e5
+    assert web.failures == {("us", FailureClass.CONNECT_REFUSED): 2}
+
+    # us-1 fails without a TLS session: its expiry stays, its phases go.
+    engine.observe("us-1", measured(failure=FailureClass.CONNECT_TIMEOUT))
+    (web,) = engine.measurements()
+    assert "us" not in web.phases
+    assert web.cert_expiry == T0 + 7e5
+    # Disconnected and stale views count no more.
+    engine.agent_disconnected("us-1")
+    clock.advance(WINDOW / 2)
+    engine.observe("eu-1", measured((0.001, 0.002, 0.003, 0.010, 0.001)))
+    clock.advance(WINDOW / 2 + 1)  # every view but eu-1's is stale
+    (web,) = engine.measurements()
+    assert web.phases == {"eu": pytest.approx((0.001, 0.002, 0.003, 0.010, 0.001))}
+    assert web.cert_expiry == T0 + 9e5
+    assert web.failures == {
+        ("us", FailureClass.CONNECT_REFUSED): 2,
+        ("us", FailureClass.CONNECT_TIMEOUT): 1,
+    }

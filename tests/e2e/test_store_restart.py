@@ -1,0 +1,80 @@
+"""The transition store across a coordinator killed outright (SIGKILL): every transition a
+watcher was sent is still on record, and ids go on without reusing one."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+
+import grpc
+import pytest
+from running_system import Coordinator, System, free_port, wait_until
+
+from vantage_proto.v1 import query_pb2, query_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+ENGINE = (
+    "engine: {min_agents: 1, min_regions: 1, fail_after: 1, recover_after: 1}\n"
+    "store_file: state/vantage.db\n"
+)
+
+
+def _history(coordinator: Coordinator) -> list[query_pb2.VerdictTransition]:
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = query_pb2_grpc.QueryServiceStub(channel)
+        kept = []
+        for check in ("web", "closed-port"):
+            answer = stub.GetHistory(query_pb2.GetHistoryRequest(check=check), timeout=10)
+            kept.extend(answer.transitions)
+    return sorted(kept, key=lambda transition: transition.id)
+
+
+def test_a_killed_coordinator_keeps_every_transition_it_published(system: System) -> None:
+    port = free_port()
+    system.http_server(port)
+    config = system.write_config(
+        "checks:\n"
+        f"  - {{name: web, type: http, target: 'http://127.0.0.1:{port}/', "
+        "interval: 1s, timeout: 500ms}\n"
+        f"  - {{name: closed-port, type: tcp, target: '127.0.0.1:{free_port()}', "
+        "interval: 1s, timeout: 500ms}\n",
+        engine=ENGINE,
+    )
+    (config.parent / "state").mkdir()
+    # A fixed gRPC port: the agent reconnects to the restarted coordinator by itself.
+    config.write_text(
+        re.sub(r"^listen: .*$", f"listen: 127.0.0.1:{free_port()}", config.read_text(), flags=re.M)
+    )
+    first = system.coordinator(config)
+
+    # A watcher subscribed before the agent connects hears every transition of this life.
+    heard: list[int] = []
+    channel = grpc.insecure_channel(first.address)
+    watch = query_pb2_grpc.QueryServiceStub(channel).WatchVerdicts(query_pb2.WatchVerdictsRequest())
+
+    def listen() -> None:
+        try:
+            for transition in watch:
+                heard.append(transition.id)
+        except grpc.RpcError:
+            pass  # the coordinator died
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    wait_until(lambda: first.metrics().count("vantage_watch_streams_open 1.0"), 10, "the watch")
+    agent = system.agent(first, "eu-1", "eu")
+    wait_until(lambda: len(heard) >= 2, 30, "both checks to get a verdict")
+    first.proc.stop(signal.SIGKILL)
+    listener.join(timeout=10)
+    channel.close()
+
+    second = system.coordinator(config)
+    kept = _history(second)
+    assert {transition.id for transition in kept} >= set(heard)
+    # The agent reconnects; the verdicts start over from unknown, under new ids.
+    wait_until(lambda: len(_history(second)) > len(kept), 30, "new transitions after restart")
+    newer = [t.id for t in _history(second) if t.id not in {k.id for k in kept}]
+    assert min(newer) > max(heard)
+    assert agent.popen.poll() is None
