@@ -6,8 +6,8 @@ A configuration file is YAML; every key is optional::
     http_listen: 127.0.0.1:9470     # /metrics, /healthz and the JSON API (/api/v1/)
     checks_file: checks.yaml        # relative paths resolve against this file's directory
     tokens_file: tokens.yaml        # without one, no agent is admitted
-    store_file: vantage.db          # verdict history (SQLite); without one it is kept in
-                                    # memory and starts afresh, ids from 1, at each start
+    store_file: vantage.db          # verdict history (SQLite); without one the newest 100,000
+                                    # are kept in memory, afresh (ids from 1) at each start
     history_retention: 30d          # transitions older than this are pruned (at least 1s)
     heartbeat_interval: 10s         # how often an idle agent says it is alive
     per_agent_metrics: false        # per-agent series on /metrics (bounded fleets only)

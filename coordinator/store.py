@@ -2,9 +2,10 @@
 
 One SQLite table (stdlib ``sqlite3``) in ``store_file``, or in memory when no file is
 configured (then the history and the transition ids start afresh with each coordinator
-life). With a file both survive a restart: ids go on from the highest ever recorded, even
-when retention has pruned every row, so replicas and MQTT consumers can keep
-de-duplicating transitions by id.
+life, and at most the newest ``MEMORY_ROWS`` transitions are kept: about 440 bytes each,
+so 44 MB at most, whatever the retention). With a file both survive a restart: ids go on
+from the highest ever recorded, even when retention has pruned every row, so replicas and
+MQTT consumers can keep de-duplicating transitions by id.
 
 Lifecycle::
 
@@ -53,6 +54,10 @@ log = get_logger("coordinator.store")
 
 RETENTION = 30 * 86400.0  # history_retention's default
 PRUNE_EVERY = 3600.0  # at most; a tenth of the retention when that is shorter
+# In memory, at most this many transitions are kept (the oldest go first), checked this
+# often: without a file nothing but the retention would bound the coordinator's memory.
+MEMORY_ROWS = 100_000
+MEMORY_PRUNE_EVERY = 60.0
 PRUNE_CHUNK = 2000  # rows deleted per statement, so a large prune never holds the loop long
 _APPLICATION_ID = 0x56544731  # "VTG1": tells our files from other SQLite databases
 _SCHEMA_VERSION = 1
@@ -96,10 +101,12 @@ class TransitionStore:
         *,
         retention: float,
         clock: Callable[[], float],
+        max_rows: int | None = None,
     ) -> None:
         self._db = connection
         self.where = where  # the file, or ":memory:"
         self.retention = retention
+        self.max_rows = max_rows  # None: only the retention bounds what is kept
         self._clock = clock
         self._commit_scheduled = False
         self._first_uncommitted: int | None = None
@@ -114,8 +121,10 @@ class TransitionStore:
         *,
         retention: float = RETENTION,
         clock: Callable[[], float] = time.time,
+        memory_rows: int = MEMORY_ROWS,
     ) -> TransitionStore:
-        """Open (creating when absent) the store in ``path``; None: in memory.
+        """Open (creating when absent) the store in ``path``; None: in memory, keeping
+        at most ``memory_rows`` transitions.
 
         Prunes what the retention drops before returning. ``ConfigError`` (one line
         naming the file) when it cannot be used.
@@ -128,7 +137,8 @@ class TransitionStore:
             raise ConfigError(f"store_file {where}: cannot open: {_why(exc)}") from None
         try:
             _prepare(connection, where)
-            store = cls(connection, where, retention=retention, clock=clock)
+            max_rows = memory_rows if path is None else None
+            store = cls(connection, where, retention=retention, clock=clock, max_rows=max_rows)
             store.prune()
         except sqlite3.Error as exc:
             connection.close()
@@ -203,13 +213,16 @@ class TransitionStore:
             )
 
     def prune(self) -> int:
-        """Delete what is older than the retention, by whole id prefixes (so what is kept
-        is always every transition after some id). Returns how many rows went."""
+        """Delete what is older than the retention, and in memory the oldest past
+        ``max_rows``, by whole id prefixes (so what is kept is always every transition
+        after some id). Returns how many rows went."""
         return sum(self._prune_steps())
 
     async def run(self) -> None:
         """Prune periodically until cancelled, yielding between chunks."""
         every = min(PRUNE_EVERY, max(1.0, self.retention / 10))
+        if self.max_rows is not None:
+            every = min(every, MEMORY_PRUNE_EVERY)
         while True:
             await asyncio.sleep(every)
             for _ in self._prune_steps():
@@ -224,6 +237,8 @@ class TransitionStore:
                 "SELECT max(id) FROM transitions WHERE at < ?", (cutoff,)
             ).fetchone()
             below = row[0]
+            if self.max_rows is not None and self.last_id - self.max_rows > (below or 0):
+                below = self.last_id - self.max_rows  # ids are consecutive: keep the newest
             if below is None:
                 return
             while True:

@@ -97,6 +97,28 @@ def test_retention_prunes_whole_id_prefixes() -> None:
     assert [r.id for r in store.after(0, upto=log.last_id, limit=100)] == list(range(24, 49))
 
 
+def test_in_memory_only_the_newest_transitions_are_kept() -> None:
+    clock = Clock()
+    store = TransitionStore.open(None, clock=clock, memory_rows=10)
+    log = TransitionLog(store)
+    for _ in range(25):
+        log.append(_transition("web", VerdictState.GLOBAL, clock.now))
+    assert store.prune() == 15  # all within the retention, but 15 past the bound
+    assert [r.id for r in store.after(0, upto=log.last_id, limit=100)] == list(range(16, 26))
+    assert log.append(_transition("web", VerdictState.UP, clock.now)).id == 26
+
+
+def test_a_store_file_is_bounded_by_the_retention_alone(tmp_path: Path) -> None:
+    clock = Clock()
+    store = TransitionStore.open(tmp_path / "vantage.db", clock=clock, memory_rows=10)
+    log = TransitionLog(store)
+    for _ in range(25):
+        log.append(_transition("web", VerdictState.GLOBAL, clock.now))
+    assert store.prune() == 0
+    assert store.oldest_id() == 1
+    store.close()
+
+
 async def test_the_store_prunes_periodically_while_running() -> None:
     clock = Clock()
     store = TransitionStore.open(None, retention=1.0, clock=clock)
