@@ -55,8 +55,8 @@ The coordinator's own health, counted as things happen:
 - ``vantage_agent_auth_failures_total``: streams refused for their token.
 - ``vantage_rechecks_requested_total``: out-of-schedule probes (one per agent and check)
   sent to agents as second opinions the verdict engine asked for.
-- ``vantage_watch_streams_open``, ``vantage_watch_streams_overflowed_total``: verdict
-  watchers, and those ended because they fell behind.
+- ``vantage_watch_streams_open``, ``vantage_watch_streams_overflowed_total``: clients'
+  verdict watches (gRPC and JSON), and those ended because they fell behind.
 - ``vantage_checks_reloads_total{result}``: ``applied``, ``unchanged``, ``failed``.
 - ``vantage_build_info{version}``: always 1.
 

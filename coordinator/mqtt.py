@@ -516,7 +516,7 @@ class MqttPublisher:
         while True:
             # Subscribing and reading the last id in one step: the watcher has everything
             # after it, the store everything up to it that is not queued yet.
-            with self._feed.subscribe() as watcher:
+            with self._feed.subscribe(counted=False) as watcher:
                 await self._catch_up(self._history.last_id)
                 try:
                     async for recorded in watcher:

@@ -82,9 +82,15 @@ class Watcher:
     """
 
     def __init__(
-        self, feed: TransitionFeed, capacity: int, checks: frozenset[str] = frozenset()
+        self,
+        feed: TransitionFeed,
+        capacity: int,
+        checks: frozenset[str] = frozenset(),
+        *,
+        counted: bool = True,
     ) -> None:
         self._feed = feed
+        self.counted = counted
         self._queue: asyncio.Queue[RecordedTransition] = asyncio.Queue(maxsize=capacity)
         self._checks = checks
         self.overflowed = False
@@ -129,17 +135,21 @@ class TransitionFeed:
         self._capacity = capacity
         self._watchers: set[Watcher] = set()
 
-    def subscribe(self, checks: frozenset[str] = frozenset()) -> Watcher:
-        """A new watcher of every transition from now on (only ``checks``', when given)."""
-        watcher = Watcher(self, self._capacity, checks)
+    def subscribe(self, checks: frozenset[str] = frozenset(), *, counted: bool = True) -> Watcher:
+        """A new watcher of every transition from now on (only ``checks``', when given).
+        ``counted``: a client's watch, in ``vantage_watch_streams_*``; the coordinator's
+        own watchers (the MQTT publisher) are not."""
+        watcher = Watcher(self, self._capacity, checks, counted=counted)
         self._watchers.add(watcher)
-        self._metrics.watcher_opened()
+        if counted:
+            self._metrics.watcher_opened()
         return watcher
 
     def unsubscribe(self, watcher: Watcher) -> None:
         if watcher in self._watchers:
             self._watchers.remove(watcher)
-            self._metrics.watcher_closed()
+            if watcher.counted:
+                self._metrics.watcher_closed()
 
     def publish(self, recorded: RecordedTransition) -> None:
         for watcher in list(self._watchers):
@@ -150,7 +160,8 @@ class TransitionFeed:
                     transition_id=recorded.id,
                     queue=self._capacity,
                 )
-                self._metrics.watcher_overflowed()
+                if watcher.counted:
+                    self._metrics.watcher_overflowed()
                 self.unsubscribe(watcher)
 
 

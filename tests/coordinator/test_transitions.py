@@ -50,3 +50,18 @@ async def test_a_watcher_that_falls_behind_is_cut_off_and_others_are_not() -> No
     with fast:
         pass
     assert metrics.registry.get_sample_value("vantage_watch_streams_open") == 0
+
+
+async def test_the_coordinators_own_watchers_are_not_client_watch_streams() -> None:
+    metrics = _metrics()
+    feed = TransitionFeed(metrics, capacity=1)
+    log = TransitionLog()
+    with feed.subscribe(counted=False) as own:  # the MQTT publisher's
+        assert metrics.registry.get_sample_value("vantage_watch_streams_open") == 0
+        for name in "ab":
+            feed.publish(log.append(_transition(name, VerdictState.GLOBAL)))
+        with pytest.raises(WatcherOverflow):
+            async for _ in own:
+                pass
+    assert metrics.registry.get_sample_value("vantage_watch_streams_overflowed_total") == 0
+    assert metrics.registry.get_sample_value("vantage_watch_streams_open") == 0
