@@ -157,8 +157,11 @@ class System:
         self.procs.append(proc)
         return proc
 
-    def coordinator(self, config: Path) -> Coordinator:
-        proc = self.spawn("coordinator", VANTAGE, "coordinator", "--config", str(config))
+    def coordinator(self, config: Path, prefix: tuple[str, ...] = ()) -> Coordinator:
+        """A coordinator on ``config``, once it listens; ``prefix`` goes before its argv
+        (``ip netns exec NS`` runs it in a network namespace)."""
+        args = (VANTAGE, "coordinator", "--config", str(config))
+        proc = self.spawn("coordinator", *prefix, *args)
 
         def listening() -> dict[str, Any] | None:
             if proc.popen.poll() is not None:
@@ -172,10 +175,17 @@ class System:
         return Coordinator(proc, event["grpc_port"], event["http_port"], config)
 
     def agent(
-        self, coordinator: Coordinator, name: str, region: str, token_file: Path | None = None
+        self,
+        coordinator: Coordinator,
+        name: str,
+        region: str,
+        token_file: Path | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> Proc:
+        """An agent of ``coordinator``; ``prefix`` as for ``coordinator``."""
         return self.spawn(
             f"agent-{name}",
+            *prefix,
             VANTAGE,
             "agent",
             "--coordinator",

@@ -15,12 +15,19 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from running_system import TOKEN, VANTAGE, Coordinator, System, free_port, wait_until
+from check_now import (
+    VethCoordinator,
+    client_namespace,
+    one_error_line,
+    run_check,
+    start_agents,
+    write_files,
+)
+from running_system import VANTAGE, Coordinator, System, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,31 +63,6 @@ class Fleet:
 
     def check(self, *args: str, coordinator: str | None = None) -> subprocess.CompletedProcess[str]:
         return run_check(*args, "--coordinator", coordinator or self.coordinator.address)
-
-
-def run_check(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*prefix, VANTAGE, "check", *args], capture_output=True, text=True, timeout=60
-    )
-
-
-def write_files(directory: Path, config: str) -> Path:
-    (directory / "tokens.yaml").write_text(f"tokens:\n  - token: {TOKEN}\n")
-    (directory / "agent.token").write_text(TOKEN + "\n")
-    path = directory / "coordinator.yaml"
-    path.write_text(config)
-    return path
-
-
-def start_agents(system: System, coordinator: Coordinator) -> None:
-    system.agent(coordinator, "eu-1", "eu")
-    system.agent(coordinator, "us-1", "us")
-
-    def connected() -> int:
-        done = coordinator.cli("agents", "--json")
-        return sum(agent["connected"] for agent in json.loads(done.stdout)["agents"]) == 2
-
-    wait_until(connected, 30, "both agents to connect")
 
 
 def port_on(host: str) -> int:
@@ -123,14 +105,6 @@ def fleet(module_system: System) -> Fleet:
     coordinator = module_system.coordinator(write_files(module_system.dir, CONFIG))
     start_agents(module_system, coordinator)
     return Fleet(module_system, coordinator)
-
-
-def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 2, done
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    return lines[0]
 
 
 def test_up_from_everywhere(fleet: Fleet) -> None:
@@ -302,74 +276,13 @@ def test_the_rate_limit(system: System) -> None:
 # -- it's just you --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ClientNamespace:
-    """A network namespace for the command, linked to the host by a veth pair: it reaches
-    ``host`` (the host's end) and nothing else, not ``unreachable`` (a second address on
-    the host's end, outside the link's /30)."""
-
-    name: str
-    host: str
-    unreachable: str
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_check(*args, prefix=("ip", "netns", "exec", self.name))
-
-
-@contextlib.contextmanager
-def client_namespace() -> Iterator[ClientNamespace]:
-    """The namespace, named with a test-bed claim's prefix and addressed from its /20 of
-    198.18.0.0/15 (so runs side by side never collide), removed whatever happens."""
-    if os.geteuid() != 0:
-        pytest.skip("it's-just-you needs root: the command runs in a network namespace")
-    if shutil.which("ip") is None:
-        pytest.skip("it's-just-you needs ip(8) (iproute2) to make a network namespace")
-    from testbed import hoststate, topology
-
-    claim = hoststate.claim_slot()
-    try:
-        block = topology.block_of(claim.slot)
-        host, inside, unreachable = (str(block[offset]) for offset in (1, 2, 5))
-        namespace = f"{claim.prefix}-cli"
-        outer, inner = f"{claim.prefix}h", f"{claim.prefix}n"
-        for command in (
-            ["ip", "netns", "add", namespace],
-            ["ip", "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", namespace],
-            ["ip", "addr", "add", f"{host}/30", "dev", outer],
-            ["ip", "addr", "add", f"{unreachable}/32", "dev", outer],
-            ["ip", "link", "set", outer, "up"],
-            ["ip", "-n", namespace, "addr", "add", f"{inside}/30", "dev", inner],
-            ["ip", "-n", namespace, "link", "set", inner, "up"],
-            ["ip", "-n", namespace, "link", "set", "lo", "up"],
-        ):
-            subprocess.run(command, check=True, capture_output=True, timeout=30)
-        yield ClientNamespace(namespace, host, unreachable)
-    finally:
-        hoststate.remove_all(claim.prefix)
-        hoststate.release(claim)
-        assert not hoststate.leftovers(claim.prefix, set(), [])
-
-
-@dataclass
-class VethCoordinator(Coordinator):
-    """A coordinator listening on the host's end of the namespace's link."""
-
-    host: str = "127.0.0.1"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
-
 def test_its_just_you(system: System) -> None:
     with client_namespace() as namespace:
         config = CONFIG.replace("127.0.0.1:0", f"{namespace.host}:0", 1).replace(
             f"allow: [{ALLOWED}/32]", "allow: [198.18.0.0/15]"
         )
         started = system.coordinator(write_files(system.dir, config))
-        coordinator = VethCoordinator(
-            started.proc, started.grpc_port, started.http_port, started.config, namespace.host
-        )
+        coordinator = VethCoordinator.at(started, namespace.host)
         start_agents(system, coordinator)
         port = web_server(system, namespace.unreachable)
         target = f"http://{namespace.unreachable}:{port}/"
