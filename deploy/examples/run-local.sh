@@ -27,10 +27,13 @@ cat <<INFO
   Vantage is running: a coordinator and agents eu-1, us-1, ap-1.
     metrics   http://127.0.0.1:9470/metrics
     health    http://127.0.0.1:9470/healthz
+    JSON API  http://127.0.0.1:9470/api/v1/verdicts (OpenAPI: /api/v1/openapi.yaml)
     gRPC API  127.0.0.1:7400 (query service, health, reflection)
   From another shell:
     .venv/bin/vantage status        verdicts (first ones within ~15 s)
     .venv/bin/vantage agents        the fleet
+    .venv/bin/vantage check URL     down for everyone, or just me? (private and
+                                    loopback targets are refused: on_demand.allow)
   Ctrl-C stops everything.
 
 INFO
