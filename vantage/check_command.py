@@ -38,7 +38,7 @@ from typing import Any
 
 from .checks import AnyCheck
 from .cli import UsageError
-from .client import failure_name, state_name
+from .client import failure_name, region_state_name, state_name
 from .configfile import split_host_port
 from .durations import format_duration
 from .results import FailureClass, ProbeOutcome, ProbeResult
@@ -223,7 +223,7 @@ def summary(response: Any, here: Here) -> tuple[str, str]:
     local_class = outcome.failure.value if outcome.failure is not None else None
     if state == "up":
         up_agents = sum(view.up for _, view in regions)
-        known = sum(1 for _, view in regions if state_name(view.state) == "up")
+        known = sum(1 for _, view in regions if region_state_name(view.state) == "up")
         evidence = f"from {_count(up_agents, 'agent')} in {_count(known, 'region')}"
         if here.failed:
             return "just_you", f"it's just you: up {evidence}, failing here ({local_class})"
@@ -237,8 +237,10 @@ def summary(response: Any, here: Here) -> tuple[str, str]:
         line = f"down for everyone: {words} from {_count(down_agents, 'agent')} in {down}"
         return state, line + _here_note(here, state)
     if state == "regional":
-        down_regions = [(name, view) for name, view in regions if state_name(view.state) == "down"]
-        up_regions = [name for name, view in regions if state_name(view.state) == "up"]
+        down_regions = [
+            (name, view) for name, view in regions if region_state_name(view.state) == "down"
+        ]
+        up_regions = [name for name, view in regions if region_state_name(view.state) == "up"]
         if len(down_regions) == 1:
             name, view = down_regions[0]
             line = f"down in {name} only{_parenthesised(failure_name(view.failure))}"

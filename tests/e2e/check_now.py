@@ -40,12 +40,19 @@ def write_files(directory: Path, config: str) -> Path:
     return path
 
 
-def start_agents(system: System, coordinator: Coordinator, prefix: tuple[str, ...] = ()) -> None:
-    """An agent in eu and one in us (``prefix`` before their argv), once both connect."""
-    system.agent(coordinator, "eu-1", "eu", prefix=prefix)
+def start_agents(
+    system: System,
+    coordinator: Coordinator,
+    prefix: tuple[str, ...] = (),
+    *,
+    eu_prefix: tuple[str, ...] | None = None,
+) -> None:
+    """An agent in eu and one in us (``prefix`` before their argv; ``eu_prefix`` before
+    eu-1's when it differs), once both connect."""
+    system.agent(coordinator, "eu-1", "eu", prefix=prefix if eu_prefix is None else eu_prefix)
     system.agent(coordinator, "us-1", "us", prefix=prefix)
 
-    def connected() -> int:
+    def connected() -> bool:
         done = coordinator.cli("agents", "--json")
         return sum(agent["connected"] for agent in json.loads(done.stdout)["agents"]) == 2
 

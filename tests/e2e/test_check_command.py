@@ -61,8 +61,8 @@ class Fleet:
     system: System
     coordinator: Coordinator
 
-    def check(self, *args: str, coordinator: str | None = None) -> subprocess.CompletedProcess[str]:
-        return run_check(*args, "--coordinator", coordinator or self.coordinator.address)
+    def check(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_check(*args, "--coordinator", self.coordinator.address)
 
 
 def port_on(host: str) -> int:
@@ -241,7 +241,7 @@ def test_a_local_probe_that_cannot_run_is_not_a_failure(fleet: Fleet) -> None:
     assert done.stdout.splitlines()[-1].split()[:5] == ["(here)", "-", "-", "-", "not"]
 
 
-def test_an_unreachable_coordinator_is_one_line(tmp_path: Path) -> None:
+def test_an_unreachable_coordinator_is_one_line() -> None:
     address = f"127.0.0.1:{free_port()}"
     line = one_error_line(run_check("http://example.org/", "--coordinator", address))
     assert line == f"vantage check: error: cannot reach the coordinator at {address} (unavailable)"
@@ -299,3 +299,28 @@ def test_its_just_you(system: System) -> None:
         done = run_check(target, "--coordinator", coordinator.address, "--json")
         assert done.returncode == 0, done
         assert json.loads(done.stdout)["answer"] == "up"
+
+
+def test_down_in_one_region_only(system: System) -> None:
+    # eu-1 runs in the namespace, which does not reach the target; us-1 and the command
+    # run on the host, which does.
+    with client_namespace("down-in-one-region") as namespace:
+        config = CONFIG.replace("127.0.0.1:0", f"{namespace.host}:0", 1).replace(
+            f"allow: [{ALLOWED}/32]", "allow: [198.18.0.0/15]"
+        )
+        started = system.coordinator(write_files(system.dir, config))
+        coordinator = VethCoordinator.at(started, namespace.host)
+        start_agents(system, coordinator, eu_prefix=namespace.prefix)
+        port = web_server(system, namespace.unreachable)
+
+        done = run_check(
+            f"http://{namespace.unreachable}:{port}/", "--coordinator", coordinator.address
+        )
+        assert done.returncode == 1, done
+        lines = done.stdout.splitlines()
+        assert lines[0] == "down in eu only (network_unreachable); up from here"
+        assert [line.split()[:5] for line in lines[3:]] == [
+            ["eu", "0", "1", "0", "network_unreachable"],
+            ["us", "1", "0", "0", "-"],
+            ["(here)", "1", "0", "0", "-"],
+        ]
