@@ -483,13 +483,7 @@ def _result_from_pb(message: agent_pb2.ProbeResult, check: str) -> ProbeResult:
     consistent failure class); it carries no sequence number of the agent's."""
     if message.check != check:
         raise WireError(f"answer for check {message.check[:128]!r}, not {check!r}")
-    numbered = agent_pb2.ProbeResult()
-    numbered.CopyFrom(message)
-    numbered.seq = 1  # result_from_pb insists on one; on-demand results have none
-    valid = result_from_pb(numbered)
-    return ProbeResult(
-        valid.check, valid.check_revision, 0, valid.started_at, valid.duration, valid.outcome
-    )
+    return result_from_pb(message, numbered=False)
 
 
 def _listed(names: Iterable[str]) -> str:

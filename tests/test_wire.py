@@ -99,6 +99,15 @@ def test_a_result_contradicting_itself_is_a_wire_error() -> None:
         result_from_pb(message)
 
 
+def test_only_on_demand_results_go_without_a_sequence_number() -> None:
+    message = result_to_pb(ProbeResult("c", 1, 0, 0.0, 0.0, ProbeOutcome(success=True)))
+    with pytest.raises(WireError, match="without a sequence number"):
+        result_from_pb(message)
+    assert result_from_pb(message, numbered=False).seq == 0
+    message.seq = 9  # an agent's number means nothing outside its sequence
+    assert result_from_pb(message, numbered=False).seq == 0
+
+
 def test_verdict_options_stay_with_the_coordinator() -> None:
     check = parse_check({"name": "w", "type": "tcp", "target": "h:1", "verdict": {"fail_after": 4}})
     back = check_from_pb(check_to_pb(check))

@@ -363,8 +363,11 @@ def _details_from_pb(message: agent_pb2.ProbeResult) -> Details:
     return None
 
 
-def result_from_pb(message: agent_pb2.ProbeResult) -> ProbeResult:
+def result_from_pb(message: agent_pb2.ProbeResult, *, numbered: bool = True) -> ProbeResult:
     """Validate a result from an agent; WireError when it is inconsistent.
+
+    ``numbered``: a scheduled result, which must carry the agent's sequence number; an
+    on-demand one (``numbered=False``) is outside that sequence and gets seq 0.
 
     Free text is cut to bounded lengths: a result must not grow the coordinator's memory
     without limit, whatever an agent sends.
@@ -376,7 +379,9 @@ def result_from_pb(message: agent_pb2.ProbeResult) -> ProbeResult:
     if not check:
         raise WireError("result without a check name")
     seq = message.seq
-    if seq == 0:
+    if not numbered:
+        seq = 0
+    elif seq == 0:
         raise WireError(f"result for {check!r} without a sequence number")
     number = message.failure
     failure = failure_from_pb(number) if number else None
