@@ -29,6 +29,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn
 
+from structlog.typing import FilteringBoundLogger
+
 from vantage.checks import AnyCheck
 from vantage.durations import format_duration
 from vantage.guard import AddressGuard, Screen
@@ -163,20 +165,8 @@ class OnDemandProbes:
         # Set in this context (the request's task, and the tasks the probe starts) and
         # taken back after: no other run ever sees it.
         token = ON_DEMAND_GUARD.set(screen)
-        limit = check.timeout + self._grace
         try:
-            async with asyncio.timeout(limit):
-                return await probe(check)
-        except TimeoutError:
-            return ProbeOutcome.failed(
-                FailureClass.TIMEOUT,
-                f"probe did not finish within its timeout of {format_duration(check.timeout)}",
-            )
-        except Exception as exc:
-            self._log.exception("on-demand probe raised", check=check.name)
-            return ProbeOutcome.failed(
-                FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
-            )
+            return await probe_once(probe, check, grace=self._grace, log=self._log)
         finally:
             ON_DEMAND_GUARD.reset(token)
 
@@ -189,3 +179,30 @@ class OnDemandProbes:
         response = agent_pb2.ProbeResponse(request_id=request.request_id)
         response.result.CopyFrom(result_to_pb(result))
         return response
+
+
+async def probe_once(
+    probe: ProbeFn,
+    check: AnyCheck,
+    *,
+    grace: float = DEFAULT_GRACE,
+    log: FilteringBoundLogger | None = None,
+) -> ProbeOutcome:
+    """Run ``probe`` on ``check`` once, cut off at the check's timeout plus ``grace`` as
+    the scheduler cuts off its runs: an overrun is a timeout, a probe that raises (a bug)
+    is internal, logged with its traceback on ``log`` when given. On-demand checks run
+    with it, and ``vantage check``'s probe from the user's machine."""
+    try:
+        async with asyncio.timeout(check.timeout + grace):
+            return await probe(check)
+    except TimeoutError:
+        return ProbeOutcome.failed(
+            FailureClass.TIMEOUT,
+            f"probe did not finish within its timeout of {format_duration(check.timeout)}",
+        )
+    except Exception as exc:
+        if log is not None:
+            log.exception("on-demand probe raised", check=check.name)
+        return ProbeOutcome.failed(
+            FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
+        )

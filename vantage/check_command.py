@@ -40,8 +40,7 @@ from .checks import AnyCheck
 from .cli import UsageError
 from .client import failure_name, region_state_name, state_name
 from .configfile import split_host_port
-from .durations import format_duration
-from .results import FailureClass, ProbeOutcome, ProbeResult
+from .results import FailureClass, ProbeResult
 from .targets import TargetError, on_demand_check
 
 EXIT_UP = 0
@@ -177,23 +176,15 @@ def _call_failed(address: str, code: Any, details: str | None) -> str:
 
 
 async def probe_here(check: AnyCheck) -> Here:
-    """Probe ``check`` from this machine with the agent's probe, as an agent would
-    (within the timeout plus a second's grace), without a guard."""
+    """Probe ``check`` from this machine with the agent's probe, as an agent runs an
+    on-demand check (``agent.ondemand.probe_once``), without a guard. A bug in a probe
+    is an internal failure: it must not hide the coordinator's answer."""
+    from agent.ondemand import probe_once
     from agent.probes import PROBES
 
     started_at = time.time()
     started = time.monotonic()
-    try:
-        async with asyncio.timeout(check.timeout + 1.0):
-            outcome = await PROBES[check.type](check)
-    except TimeoutError:
-        outcome = ProbeOutcome.failed(
-            FailureClass.TIMEOUT, f"probe did not finish within {format_duration(check.timeout)}"
-        )
-    except Exception as exc:  # a bug in a probe must not hide the coordinator's answer
-        outcome = ProbeOutcome.failed(
-            FailureClass.INTERNAL, f"probe failed: {type(exc).__name__}: {exc}"
-        )
+    outcome = await probe_once(PROBES[check.type], check)
     duration = time.monotonic() - started
     return Here(ProbeResult(check.name, check.revision, 0, started_at, duration, outcome))
 
