@@ -324,7 +324,6 @@ class _View:
         "history",
         "last_success",
         "loss",
-        "measured",
         "message",
         "needed",
         "observed_at",
@@ -352,11 +351,11 @@ class _View:
         # average), and the failures in a row the current run of failures needs.
         self.loss = LOSS_PRIOR
         self.needed = 1
-        # What the latest result measured (``measurements()``): its phase timings, kept
-        # while it succeeds (``measured``), as plain floats: a Phases object kept per
-        # view would be one more object per result for the garbage collector to promote
-        # and scan. The certificate expiry of the latest TLS session reported (0: none).
-        self.measured = False
+        # What the latest result measured (``measurements()``): the phase timings of the
+        # latest success (current while ``last_success``), as plain floats: a Phases
+        # object kept per view would be one more object per result for the garbage
+        # collector to promote and scan. The certificate expiry of the latest TLS session
+        # reported (0: none).
         self.resolve = self.connect = self.tls = self.processing = self.transfer = 0.0
         self.cert_expiry = 0.0
 
@@ -416,8 +415,7 @@ class _View:
         self._sample(up)
 
     def _measure(self, outcome: ProbeOutcome) -> None:
-        self.measured = success = outcome.success
-        if success:
+        if outcome.success:
             phases = outcome.phases
             self.resolve = phases.resolve
             self.connect = phases.connect
@@ -803,7 +801,7 @@ class VerdictEngine:
                     continue
                 if 0 < view.cert_expiry < expiry:
                     expiry = view.cert_expiry
-                if view.measured:
+                if view.last_success:  # a fresh view has a latest result: it succeeded
                     total = sums.get(member.region)
                     if total is None:
                         total = sums[member.region] = _PhaseSums()

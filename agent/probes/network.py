@@ -212,8 +212,7 @@ async def addresses_for(
                 FailureClass.INTERNAL, f"{host} is not an {family} address (ip_version)"
             )
         raise ProbeFailure(FailureClass.DNS_NXDOMAIN, f"resolve {host}: no {family} address")
-    if current_guard() is not None:
-        screen(ordered, host)
+    screen(ordered, host)  # the on-demand guard, if this run has one
     return ordered
 
 
