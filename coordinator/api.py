@@ -56,7 +56,7 @@ from vantage.logs import get_logger
 from vantage.public_json import JsonShapeError, message_from_json, message_json
 from vantage_proto.v1 import query_pb2
 
-from .query_service import QueryService, ReplayGone, VerdictStream
+from .query_service import QueryService, ReplayGone, VerdictStream, watch_end_code
 from .transitions import WatcherOverflow
 
 log = get_logger("coordinator.api")
@@ -287,9 +287,7 @@ def _watch_handler(route: Route, queries: QueryService, streams: set[_EventStrea
             fields = await _request_fields(route, request)
             last_event_id = request.headers.get("Last-Event-ID")
             if last_event_id is not None:
-                if not last_event_id.strip().isdigit():
-                    raise JsonShapeError(f"Last-Event-ID: {last_event_id!r} is not a transition id")
-                fields["after_id"] = int(last_event_id)
+                fields["after_id"] = _integer("Last-Event-ID", last_event_id)
             message = _parse(route, fields, query_pb2.WatchVerdictsRequest)
         except JsonShapeError as exc:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -351,12 +349,7 @@ class _EventStream:
                 try:
                     transition = pending.result()
                 except (WatcherOverflow, ReplayGone) as exc:
-                    code = (
-                        grpc.StatusCode.RESOURCE_EXHAUSTED
-                        if isinstance(exc, WatcherOverflow)
-                        else grpc.StatusCode.OUT_OF_RANGE
-                    )
-                    body = json.dumps(error_body(code, str(exc)))
+                    body = json.dumps(error_body(watch_end_code(exc), str(exc)))
                     await response.write(f"event: error\ndata: {body}\n\n".encode())
                     return
                 pending = None

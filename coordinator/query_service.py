@@ -57,6 +57,13 @@ class ReplayGone(Exception):
     """Retention pruned transitions a resumed watch had not replayed yet."""
 
 
+def watch_end_code(exc: WatcherOverflow | ReplayGone) -> grpc.StatusCode:
+    """The status a watch that cannot go on ends with, over gRPC and over HTTP."""
+    if isinstance(exc, WatcherOverflow):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.OUT_OF_RANGE
+
+
 class QueryService(query_pb2_grpc.QueryServiceServicer):
     """Servicer for ``vantage.v1.QueryService`` over the coordinator's live state.
 
@@ -72,12 +79,14 @@ class QueryService(query_pb2_grpc.QueryServiceServicer):
         feed: TransitionFeed,
         *,
         history: TransitionLog,
+        on_demand: OnDemandChecks | None = None,
     ) -> None:
         self._engine = engine
         self._fleet = fleet
         self._checks = checks
         self._feed = feed
         self._history = history
+        self._on_demand = on_demand  # None: CheckNow is not served
 
     def _labels(self, check: str) -> dict[str, str]:
         spec = self._checks.get(check)
@@ -126,11 +135,10 @@ class QueryService(query_pb2_grpc.QueryServiceServicer):
             try:
                 async for transition in stream:
                     yield transition
-            except WatcherOverflow as exc:
-                log.warning("verdict watcher too slow, ending its stream", peer=peer)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            except ReplayGone as exc:
-                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            except (WatcherOverflow, ReplayGone) as exc:
+                if isinstance(exc, WatcherOverflow):
+                    log.warning("verdict watcher too slow, ending its stream", peer=peer)
+                await context.abort(watch_end_code(exc), str(exc))
             finally:
                 log.info("verdict watcher gone", peer=peer)
 
@@ -209,21 +217,17 @@ class QueryService(query_pb2_grpc.QueryServiceServicer):
             truncated=truncated,
         )
 
-    # The on-demand checks (coordinator.ondemand), set by the coordinator; None: CheckNow
-    # is not served.
-    on_demand: OnDemandChecks | None = None
-
     async def CheckNow(
         self, request: query_pb2.CheckNowRequest, context: Context
     ) -> query_pb2.CheckNowResponse:
         """Probe the target now from every connected agent and judge the answers (see
         ``coordinator.ondemand``). Only ``context.peer()`` (the client, for its rate
         limit) and ``context.abort()`` are used, so the JSON mirror's context serves too."""
-        if self.on_demand is None:
+        if self._on_demand is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CheckNow is not served here")
             raise AssertionError("unreachable")  # abort raises
         try:
-            answer = await self.on_demand.check_now(
+            answer = await self._on_demand.check_now(
                 request.target, request.type, request.timeout_ms, context.peer()
             )
         except OnDemandError as exc:

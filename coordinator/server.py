@@ -198,8 +198,14 @@ class Coordinator:
             clock=clock,
             on_demand=self.on_demand,
         )
-        queries = QueryService(self.engine, self.fleet, self.checks, feed, history=self.transitions)
-        queries.on_demand = self.on_demand
+        queries = QueryService(
+            self.engine,
+            self.fleet,
+            self.checks,
+            feed,
+            history=self.transitions,
+            on_demand=self.on_demand,
+        )
         self._grpc = GrpcEndpoint(config.listen, self._agents, queries)
         app = build_app(metrics=self.metrics.exposition, health=self._health, queries=queries)
         self._http = HttpEndpoint(config.http_listen, app)
