@@ -47,7 +47,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vantage.checks import Seconds
-from vantage.configfile import ConfigError, read_yaml, split_host_port, validation_message
+from vantage.configfile import (
+    ConfigError,
+    read_yaml,
+    resolve_path,
+    split_host_port,
+    validation_message,
+)
 from vantage.durations import duration_within, format_duration
 
 from .engine import EngineSettings
@@ -145,18 +151,12 @@ def load_config(path: Path | None) -> CoordinatorConfig:
     base = path.parent
     return config.model_copy(
         update={
-            "checks_file": _resolve(base, config.checks_file),
-            "tokens_file": _resolve(base, config.tokens_file),
-            "store_file": _resolve(base, config.store_file),
+            "checks_file": resolve_path(base, config.checks_file),
+            "tokens_file": resolve_path(base, config.tokens_file),
+            "store_file": resolve_path(base, config.store_file),
             "mqtt": config.mqtt.resolved(base),
         }
     )
-
-
-def _resolve(base: Path, path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    return (base / path.expanduser()).absolute()
 
 
 def engine_fields() -> tuple[str, ...]:

@@ -79,7 +79,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vantage.checks import Seconds
-from vantage.configfile import ConfigError
+from vantage.configfile import ConfigError, resolve_path
 from vantage.durations import duration_within
 from vantage.logs import get_logger
 from vantage.public_json import message_json, timestamp_text
@@ -200,14 +200,10 @@ class MqttConfig(BaseModel):
         """The same settings with relative ``password_file`` and ``ca_file`` under ``base``."""
         return self.model_copy(
             update={
-                "password_file": _under(base, self.password_file),
-                "ca_file": _under(base, self.ca_file),
+                "password_file": resolve_path(base, self.password_file),
+                "ca_file": resolve_path(base, self.ca_file),
             }
         )
-
-
-def _under(base: Path, path: Path | None) -> Path | None:
-    return None if path is None else (base / path.expanduser()).absolute()
 
 
 def broker_address(url: str) -> tuple[str, int, bool]:
@@ -468,13 +464,12 @@ class MqttPublisher:
 
         self._taken = history.last_id  # transitions up to this id are not ours to publish
         self._last_transition: dict[str, RecordedTransition] = {}
-        # Retained topics to publish the current state of; a dict as an ordered set.
-        self._dirty_verdicts: dict[str, None] = {}
-        self._dirty_agents: dict[str, None] = {}
-        # Names whose retained topic the broker may hold but this coordinator does not
-        # know (any more): cleared with an empty payload.
-        self._stale_checks: set[str] = set()
-        self._stale_agents: set[str] = set()
+        # Retained topics, as (kind, name) with kind "verdict" or "agent", to publish the
+        # current state of; a dict as an ordered set.
+        self._dirty: dict[tuple[str, str], None] = {}
+        # Retained topics the broker may hold for a name this coordinator does not know
+        # (any more): cleared with an empty payload.
+        self._stale: set[tuple[str, str]] = set()
         self._presence: dict[str, tuple[object, ...]] = {}
         self._wake = asyncio.Event()
         self._connected = False
@@ -484,6 +479,11 @@ class MqttPublisher:
         self._dropping = False
 
     # -- what the coordinator calls ------------------------------------------------------
+
+    @property
+    def failed_attempts(self) -> int:
+        """Attempts to connect that failed in the current outage (0 while connected)."""
+        return self._failed_attempts
 
     async def run(self) -> None:
         """Publish until cancelled (then say ``offline`` if connected)."""
@@ -504,10 +504,10 @@ class MqttPublisher:
         changed ones (their labels) published."""
         for name in change.removed:
             self._last_transition.pop(name, None)
-            self._stale_checks.add(name)
-            self._dirty_verdicts[name] = None
+            self._stale.add(("verdict", name))
+            self._dirty["verdict", name] = None
         for check in change.upserts:
-            self._dirty_verdicts[check.name] = None
+            self._dirty["verdict", check.name] = None
         self._wake.set()
 
     # -- transitions and presence in -----------------------------------------------------
@@ -547,7 +547,7 @@ class MqttPublisher:
         check = recorded.transition.check
         if check in self._checks:  # else removed since: its topic is cleared, not set
             self._last_transition[check] = recorded
-            self._dirty_verdicts[check] = None
+            self._dirty["verdict", check] = None
         dropped = self.queue.put(recorded)
         if dropped:
             self._dropped(dropped)
@@ -574,7 +574,7 @@ class MqttPublisher:
             seen = (agent.region, agent.connected, agent.impaired, agent.connected_since)
             if self._presence.get(agent.name) != seen:
                 self._presence[agent.name] = seen
-                self._dirty_agents[agent.name] = None
+                self._dirty["agent", agent.name] = None
                 changed = True
         if changed:
             self._wake.set()
@@ -731,17 +731,12 @@ class MqttPublisher:
             if message.retain and message.payload and parsed is not None:
                 found.append(parsed)
         await client.unsubscribe(list(filters))
-        for kind, name in found:
-            if kind == "verdict" and name not in self._checks:
-                self._stale_checks.add(name)
-            elif kind == "agent" and self._fleet.get(name) is None:
-                self._stale_agents.add(name)
+        self._stale.update(retained for retained in found if not self._known(*retained))
 
     def _mark_everything(self) -> None:
-        self._dirty_verdicts.update(dict.fromkeys(self._checks.names()))
-        self._dirty_verdicts.update(dict.fromkeys(self._stale_checks))
-        self._dirty_agents.update(dict.fromkeys(agent.name for agent in self._fleet.agents()))
-        self._dirty_agents.update(dict.fromkeys(self._stale_agents))
+        self._dirty.update(dict.fromkeys(("verdict", name) for name in self._checks.names()))
+        self._dirty.update(dict.fromkeys(("agent", agent.name) for agent in self._fleet.agents()))
+        self._dirty.update(dict.fromkeys(self._stale))
 
     async def _until_disconnected(self, client: aiomqtt.Client) -> None:
         # Nothing is subscribed after the sweep: iterating only waits for the connection
@@ -759,14 +754,9 @@ class MqttPublisher:
 
     def _pending_message(self) -> _Message | None:
         """The next message to send: retained state first, then transitions in order."""
-        while self._dirty_verdicts:
-            check, _ = self._dirty_verdicts.popitem()
-            message = self._verdict_message(check)
-            if message is not None:
-                return message
-        while self._dirty_agents:
-            name, _ = self._dirty_agents.popitem()
-            message = self._agent_message(name)
+        while self._dirty:
+            (kind, name), _ = self._dirty.popitem()
+            message = self._retained_message(kind, name)
             if message is not None:
                 return message
         recorded = self.queue.take()
@@ -781,37 +771,37 @@ class MqttPublisher:
             transition_id=recorded.id,
         )
 
-    def _verdict_message(self, check: str) -> _Message | None:
-        verdict = self._engine.verdict(check)
-        if verdict is None and check not in self._stale_checks:
+    def _retained_message(self, kind: str, name: str) -> _Message | None:
+        """The retained topic of ``kind`` ("verdict" or "agent") for ``name``: its current
+        state, an empty payload that clears it when ``name`` is stale, None when it is
+        neither known nor stale or cannot be a topic."""
+        payload = self._payload(kind, name)
+        if payload is None and (kind, name) not in self._stale:
             return None
         try:
-            topic = self.topics.verdict(check)
+            topic = self.topics.verdict(name) if kind == "verdict" else self.topics.agent(name)
         except ValueError as exc:
-            log.error("mqtt: check not published", check=check, error=str(exc))
+            log.error("mqtt: retained topic not published", kind=kind, name=name, error=str(exc))
             return None
-        if verdict is None:
-            payload = b""  # clears the retained message
-        else:
-            payload = verdict_payload(
-                verdict, self._labels(check), self._last_transition.get(check)
-            )
-        return _Message("verdict", topic, payload, retain=True, name=check)
+        return _Message(kind, topic, payload or b"", retain=True, name=name)
 
-    def _agent_message(self, name: str) -> _Message | None:
+    def _payload(self, kind: str, name: str) -> bytes | None:
+        """The JSON of ``name``'s current state; None when this coordinator does not
+        know it."""
+        if kind == "verdict":
+            verdict = self._engine.verdict(name)
+            if verdict is None:
+                return None
+            return verdict_payload(verdict, self._labels(name), self._last_transition.get(name))
         agent = self._fleet.get(name)
-        if agent is None and name not in self._stale_agents:
-            return None
-        try:
-            topic = self.topics.agent(name)
-        except ValueError as exc:
-            log.error("mqtt: agent not published", agent=name, error=str(exc))
-            return None
         if agent is None:
-            payload = b""
-        else:
-            payload = agent_payload(replace(agent, impaired=name in self._engine.impaired()))
-        return _Message("agent", topic, payload, retain=True, name=name)
+            return None
+        return agent_payload(replace(agent, impaired=name in self._engine.impaired()))
+
+    def _known(self, kind: str, name: str) -> bool:
+        if kind == "verdict":
+            return self._engine.verdict(name) is not None
+        return self._fleet.get(name) is not None
 
     def _labels(self, check: str) -> Mapping[str, str]:
         spec = self._checks.get(check)
@@ -827,11 +817,8 @@ class MqttPublisher:
         self._metrics.published.labels(message.kind).inc()
         if message.kind == "event":
             self.queue.acked(message.transition_id)
-        elif not message.payload:  # a clear went through, unless the name came back since
-            if message.kind == "verdict" and self._engine.verdict(message.name) is None:
-                self._stale_checks.discard(message.name)
-            if message.kind == "agent" and self._fleet.get(message.name) is None:
-                self._stale_agents.discard(message.name)
+        elif not message.payload and not self._known(message.kind, message.name):
+            self._stale.discard((message.kind, message.name))  # cleared, and still unknown
 
 
 def _read_password(path: Path | None) -> str | None:

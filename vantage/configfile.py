@@ -127,6 +127,14 @@ def _child(node: yaml.Node | None, part: Any) -> yaml.Node | None:
     return None
 
 
+def resolve_path(base: Path, path: Path | None) -> Path | None:
+    """A path from a settings file, absolute: relative ones (and ``~``) resolve against
+    ``base``, the file's directory."""
+    if path is None:
+        return None
+    return (base / path.expanduser()).absolute()
+
+
 def split_host_port(address: str, *, port_zero: bool = False) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host without brackets, port).
 

@@ -114,7 +114,7 @@ def recorded_ids(running: Running) -> list[int]:
 # -- configuration -----------------------------------------------------------------------
 
 
-def test_off_without_a_url(tmp_path: Path) -> None:
+def test_off_without_a_url() -> None:
     config = load_config(None)
     assert not config.mqtt.enabled
     assert Coordinator(config, reload_on_sighup=False).mqtt is None
@@ -496,7 +496,10 @@ async def test_a_broker_restart_gets_the_retained_state_again(tmp_path: Path) ->
                     lambda: metric_is(running, "vantage_mqtt_connected", 0), "the loss noticed"
                 )
                 await outcomes(agent, ("web", False), ("db", False))  # while the broker is away
-                await asyncio.sleep(1.5)  # attempts at reconnecting fail meanwhile
+                await until(
+                    lambda: running.coordinator.mqtt.failed_attempts >= 2,
+                    "attempts at reconnecting to fail",
+                )
                 assert await running.metric("vantage_mqtt_queued_transitions") == 2
 
                 broker.start()
@@ -590,7 +593,9 @@ async def test_username_and_password(tmp_path: Path) -> None:
         with structlog.testing.capture_logs() as logs:
             async with start(write_config(tmp_path, section), reload_on_sighup=False) as running:
                 await until(lambda: refusals(logs), "the refusal logged")
-                await asyncio.sleep(1.5)  # more attempts, refused too
+                await until(
+                    lambda: running.coordinator.mqtt.failed_attempts >= 3, "more attempts, refused"
+                )
                 assert await running.metric("vantage_mqtt_connections_total") == 0
         assert len(refusals(logs)) == 1, "one line per outage, not one per attempt"
         assert "not authori" in refusals(logs)[0]["error"].lower()
