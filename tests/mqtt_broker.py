@@ -130,7 +130,6 @@ class Mosquitto:
         self.port = free_port()
         self.log = self.dir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._starts = 0
         lines = [f"listener {self.port} 127.0.0.1", "log_dest stderr", "log_type all"]
         # mosquitto queues at most 1,000 QoS 1 messages for a subscriber that reads slower
         # than they come and drops the rest; the tests count on receiving every one.
@@ -157,7 +156,6 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> Mosquitto:
-        self._starts += 1
         with self.log.open("ab") as out:
             self._proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(self.config)],

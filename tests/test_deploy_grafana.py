@@ -4,12 +4,10 @@ files point Grafana at it."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,56 +15,24 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "coordinator"))
+from grafana_dashboard import (
+    GRAFANA,
+    SUBSTITUTES,
+    VARIABLE,
+    dashboard,
+    panels,
+    queries,
+    substituted,
+)
 from metrics_scenario import exported_names, selected_metrics
 
-GRAFANA = Path(__file__).resolve().parent.parent / "deploy" / "grafana"
-DASHBOARD = GRAFANA / "dashboards" / "vantage.json"
 RULES = GRAFANA.parent / "prometheus" / "rules.yml"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PANEL_TYPES = {"timeseries", "state-timeline", "table", "stat"}
-# What a variable or Grafana's own interval variables stand for when a query is checked.
-SUBSTITUTES = {
-    "job": "vantage",
-    "instance": "127.0.0.1:9470",
-    "check": ".*",
-    "region": ".*",
-    "__rate_interval": "1m",
-    "__range": "6h",
-    "__interval": "15s",
-}
-VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def dashboard() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return loaded
-
-
-def panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every panel, those inside collapsed rows included."""
-    for panel in board["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def queries(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(where, expr) of every panel target."""
-    for panel in panels(board):
-        for target in panel.get("targets", []):
-            yield f"panel {panel['id']} {panel['title']!r} {target['refId']}", target["expr"]
 
 
 def variables(board: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {variable["name"]: variable for variable in board["templating"]["list"]}
-
-
-def substituted(expr: str) -> str:
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        assert name in SUBSTITUTES, f"unknown variable ${name} in {expr!r}"
-        return SUBSTITUTES[name]
-
-    return VARIABLE.sub(value, expr)
 
 
 def test_the_dashboard_is_a_grafana_11_dashboard() -> None:

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from grafana_dashboard import dashboard, queries, substituted
 from running_system import Coordinator, Proc, System, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vantage.json"
 REGIONS = ("ap", "eu", "us")
 
 
@@ -220,26 +220,15 @@ def test_the_dashboard_queries_run_on_prometheus(
     wait_until(
         lambda: prometheus.query("vantage_results_received_total"), 60, "a scrape with results"
     )
-    board = json.loads(DASHBOARD.read_text())
-    values = {
-        "job": "vantage",
-        "instance": f"127.0.0.1:{coordinator.http_port}",
-        "check": ".*",
-        "region": ".*",
-        "__rate_interval": "1m",
-        "__range": "5m",
-        "__interval": "15s",
-    }
+    board = dashboard()
+    instance = f"127.0.0.1:{coordinator.http_port}"
     answered = 0
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for name, value in sorted(values.items(), key=lambda item: -len(item[0])):
-                expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
-            prometheus.query(expr)  # raises on an error status
-            answered += 1
+    for _where, expr in queries(board):
+        prometheus.query(substituted(expr, instance=instance))  # raises on an error status
+        answered += 1
     assert answered > 20
     verdicts = next(p for p in board["panels"] if p["title"] == "Verdict per check")
-    expr = verdicts["targets"][0]["expr"].replace("$instance", values["instance"])
-    (web,) = prometheus.query(expr.replace("$check", "web"))
+    (web,) = prometheus.query(
+        substituted(verdicts["targets"][0]["expr"], instance=instance, check="web")
+    )
     assert web["metric"] == {"check": "web"}
