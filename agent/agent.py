@@ -21,7 +21,7 @@ import gc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vantage import native
+from vantage import names, native
 from vantage.checks import split_host_port
 from vantage.logs import get_logger
 from vantage.results import ProbeResult
@@ -81,9 +81,8 @@ class AgentSettings:
             split_host_port(self.coordinator)
         except ValueError:
             raise ValueError(f"coordinator address {self.coordinator!r} is not host:port") from None
-        for label, value in (("name", self.name), ("region", self.region)):
-            if not value or not value.isprintable() or value.strip() != value:
-                raise ValueError(f"agent {label} {value!r} is empty or has stray whitespace")
+        names.agent_name(self.name)
+        names.agent_name(self.region, "region")
         if not self.token.strip():
             raise ValueError("the token is empty")
         for label, number in (

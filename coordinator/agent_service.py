@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeAlias
 import grpc
 from structlog.typing import FilteringBoundLogger
 
-from vantage import __version__
+from vantage import __version__, names
 from vantage.logs import get_logger
 from vantage.wire import WireError, check_to_pb, result_from_pb
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc
@@ -50,7 +50,7 @@ from .fleet import AgentFleet, AgentHello
 from .metrics import CoordinatorMetrics
 from .ondemand import OnDemandChecks
 from .registry import CheckChange, CheckRegistry
-from .tokens import AGENT_NAME, AGENT_NAME_RULE, TokenRegistry
+from .tokens import TokenRegistry
 from .transitions import TransitionRecorder
 
 if TYPE_CHECKING:
@@ -481,10 +481,8 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | N
 
 def _hello_from_pb(message: agent_pb2.Hello) -> AgentHello:
     """Validate a Hello; ValueError (one line) naming the bad field."""
-    if not AGENT_NAME.fullmatch(message.name):
-        raise ValueError(f"agent name {message.name[:MAX_FIELD]!r} is invalid ({AGENT_NAME_RULE})")
-    if not AGENT_NAME.fullmatch(message.region):
-        raise ValueError(f"region {message.region[:MAX_FIELD]!r} is invalid ({AGENT_NAME_RULE})")
+    names.agent_name(message.name)
+    names.agent_name(message.region, "region")
     return AgentHello(
         name=message.name,
         region=message.region,

@@ -14,12 +14,12 @@ Tokens never appear in logs or errors: a duplicate is named by its line, not its
 from __future__ import annotations
 
 import hmac
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from vantage import names
 from vantage.configfile import (
     ConfigError,
     items_under,
@@ -29,9 +29,6 @@ from vantage.configfile import (
 )
 
 MIN_TOKEN_LENGTH = 16
-# Agent and region names: what Hello accepts, and what a token may be bound to.
-AGENT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-AGENT_NAME_RULE = "letters, digits, '.', '_', '-'; 1 to 64 characters"
 
 
 class TokenEntry(BaseModel):
@@ -54,9 +51,7 @@ class TokenEntry(BaseModel):
     @field_validator("agent")
     @classmethod
     def _valid_agent(cls, agent: str | None) -> str | None:
-        if agent is not None and not AGENT_NAME.fullmatch(agent):
-            raise ValueError(f"{agent!r} is not a valid agent name ({AGENT_NAME_RULE})")
-        return agent
+        return None if agent is None else names.agent_name(agent)
 
 
 class TokenRegistry:

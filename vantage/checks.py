@@ -43,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import names
 from .configfile import (
     ConfigError,
     items_under,
@@ -73,7 +74,6 @@ __all__ = [
 PROBE_TYPES = ("http", "tcp", "dns", "icmp")
 MIN_INTERVAL = 1.0
 MAX_INTERVAL = 86_400.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
@@ -218,12 +218,7 @@ class _CheckBase(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, name: str) -> str:
-        if not _NAME.fullmatch(name):
-            raise ValueError(
-                f"{name!r} is not a valid check name "
-                "(letters, digits, '.', '_', '-'; at most 128 characters)"
-            )
-        return name
+        return names.check_name(name)
 
     @field_validator("labels")
     @classmethod

@@ -102,7 +102,7 @@ async def test_refused_token_stops_the_agent_with_fatal_error(coordinator: Any) 
     [
         ("coordinator", "localhost", "is not host:port"),
         ("name", "", "agent name"),
-        ("region", " eu", "agent region"),
+        ("region", " eu", "region . eu. is invalid"),
         ("token", "  ", "token is empty"),
         ("batch_size", 0, "batch_size must be positive"),
     ],

@@ -47,7 +47,7 @@ def test_load(tmp_path: Path) -> None:
         ),
         (
             f"tokens:\n  - token: {ANY}\n    agent: 'bad name'\n",
-            "t.yaml:3: tokens[0]: agent: 'bad name' is not a valid agent name",
+            "t.yaml:3: tokens[0]: agent name 'bad name' is invalid",
         ),
         (f"tokens:\n  - token: {ANY}\n    role: x\n", "t.yaml:3: tokens[0]: unknown field 'role'"),
         ("tokens:\n  - agent: eu-1\n", "t.yaml:2: tokens[0]: missing required field 'token'"),

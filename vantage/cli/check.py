@@ -36,12 +36,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import AnyCheck
-from .cli import UsageError
-from .client import failure_name, region_state_name, state_name
-from .configfile import split_host_port
-from .results import FailureClass, ProbeResult
-from .targets import TargetError, on_demand_check
+from ..checks import PROBE_TYPES, AnyCheck
+from ..client import failure_name, region_state_name, state_name
+from ..results import FailureClass, ProbeResult
+from ..targets import TargetError, on_demand_check
+from .common import UsageError, add_coordinator_flag, check_address, print_table
 
 EXIT_UP = 0
 EXIT_NOT_UP = 1
@@ -86,6 +85,28 @@ class Here:
         return self.probed and not self.result.outcome.success
 
 
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = commands.add_parser(
+        "check",
+        help="is it down for everyone or just me?",
+        description="Probe a URL or host now from every agent the coordinator has and, at "
+        "the same moment, from this machine; answer down for everyone, regional, or just "
+        "you. Exit 0 when up, 1 when not up (it's just you included), 2 on errors.",
+    )
+    check.add_argument("target", metavar="URL|HOST", help="http(s)://..., HOST:PORT or HOST")
+    check.add_argument(
+        "--type",
+        choices=PROBE_TYPES,
+        help="probe type (default: http for a URL, tcp for HOST:PORT, icmp for HOST)",
+    )
+    check.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="probe timeout (default 5)"
+    )
+    check.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    add_coordinator_flag(check)
+    check.set_defaults(run=run_check)
+
+
 def run_check(args: argparse.Namespace) -> int:
     """The command (see the module docstring); UsageError for a bad flag or target and
     for every way the coordinator does not answer."""
@@ -95,10 +116,7 @@ def run_check(args: argparse.Namespace) -> int:
         check = on_demand_check(args.target, args.type or "", args.timeout)
     except TargetError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        split_host_port(args.coordinator)
-    except ValueError:
-        raise UsageError(f"--coordinator {args.coordinator!r} is not HOST:PORT") from None
+    check_address(args.coordinator)
     progress = sys.stderr.isatty() and not args.json
     response, here = asyncio.run(_ask_and_probe(args, check, progress))
     answer, line = summary(response, here)
@@ -107,7 +125,7 @@ def run_check(args: argparse.Namespace) -> int:
     else:
         print(line)
         print()
-        _print_table(region_rows(response, here))
+        print_table(region_rows(response, here))
         for label, names in (("no answer from", response.missing), ("cannot run", response.unable)):
             if names:
                 kind = f" {check.type} probes" if label == "cannot run" else ""
@@ -337,12 +355,13 @@ def _latency(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
-__all__ = ["EXIT_NOT_UP", "EXIT_UP", "Here", "check_json", "probe_here", "run_check", "summary"]
+__all__ = [
+    "EXIT_NOT_UP",
+    "EXIT_UP",
+    "Here",
+    "add_commands",
+    "check_json",
+    "probe_here",
+    "run_check",
+    "summary",
+]
