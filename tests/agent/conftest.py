@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pki import DAY, LOOPBACK, Issued, TestCA, self_signed
 
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -168,115 +162,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass(frozen=True)
-class Cert:
-    """A certificate the tests made, its key, and the files a server loads them from.
-
-    ``chain`` is what a server presents (the leaf, then any intermediates);
-    ``earliest_expiry`` is the earliest notAfter in it, as the probes report it.
-    """
-
-    name: str
-    pem: str  # the certificate alone
-    key_pem: str
-    chain: Path
-    key: Path
-    subject: str
-    earliest_expiry: datetime
-
-    def server_context(
-        self, *, client_ca: str | None = None, maximum_version: ssl.TLSVersion | None = None
-    ) -> ssl.SSLContext:
-        """A server context presenting this certificate; with ``client_ca`` it demands a
-        client certificate issued by that CA."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.chain, self.key)
-        if client_ca is not None:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cadata=client_ca)
-        if maximum_version is not None:
-            context.maximum_version = maximum_version
-        return context
-
-
-@dataclass(frozen=True)
-class _Issuer:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    common_name: str,
-    *,
-    issuer: _Issuer | None,
-    lifetime: tuple[timedelta, timedelta],
-    hosts: tuple[str, ...] = (),
-    ca: bool = False,
-    client: bool = False,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """An EC P-256 certificate valid from now + lifetime[0] to now + lifetime[1], signed
-    by ``issuer`` or, without one, by itself."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    signing_key = issuer.key if issuer else key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(issuer.cert.subject if issuer else _name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + lifetime[0])
-        .not_valid_after(now + lifetime[1])
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), False
-        )
-    )
-    if ca:
-        usage = x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False,
-        )  # fmt: skip
-        builder = builder.add_extension(usage, critical=True)
-    else:
-        purpose = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-    if hosts:
-        names: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(signing_key, hashes.SHA256()), key
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
-LOOPBACK = ("127.0.0.1", "localhost")
-DAY = timedelta(days=1)
-
-
 @pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cert]:
-    """A test PKI, made with cryptography. ``certs["ca"].pem`` is the root every other
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued]:
+    """A test PKI (``tests/pki.py``). ``certs["ca"].pem`` is the root every other
     certificate but "self_signed" chains to:
 
     - "valid": for 127.0.0.1 and localhost, 90 days left;
@@ -289,50 +177,20 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cert]:
     - "client": a client certificate (clientAuth) for CN=probe.
     """
     directory = tmp_path_factory.mktemp("certs")
-    root_cert, root_key = _certificate(
-        "Vantage Test CA", issuer=None, lifetime=(-DAY, 365 * DAY), ca=True
-    )
-    root = _Issuer(root_key, root_cert)
-    inter_cert, inter_key = _certificate(
-        "Vantage Test Intermediate", issuer=root, lifetime=(-DAY, 10 * DAY), ca=True
-    )
-    intermediate = _Issuer(inter_key, inter_cert)
-    made: dict[str, tuple[x509.Certificate, ec.EllipticCurvePrivateKey, list[x509.Certificate]]]
-    made = {"ca": (root_cert, root_key, [])}
-    specs: dict[str, dict[str, Any]] = {
-        "valid": {"issuer": root, "lifetime": (-DAY, 90 * DAY), "hosts": LOOPBACK},
-        "expired": {"issuer": root, "lifetime": (-30 * DAY, -DAY), "hosts": LOOPBACK},
-        "wrong_host": {"issuer": root, "lifetime": (-DAY, 90 * DAY), "hosts": ("wrong.example",)},
-        "self_signed": {"issuer": None, "lifetime": (-DAY, 90 * DAY), "hosts": LOOPBACK},
-        "expiring": {
-            "issuer": root,
-            "lifetime": (-DAY, 3 * DAY + timedelta(hours=1)),
-            "hosts": LOOPBACK,
-        },
-        "chained": {"issuer": intermediate, "lifetime": (-DAY, 90 * DAY), "hosts": LOOPBACK},
-        "client": {"issuer": root, "lifetime": (-DAY, 90 * DAY), "client": True},
+    root = TestCA(directory)
+    intermediate = root.intermediate("Vantage Test Intermediate", lifetime=(-DAY, 10 * DAY))
+    return {
+        "ca": root.issued,
+        "valid": root.issue("valid.test", hosts=LOOPBACK),
+        "expired": root.issue("expired.test", hosts=LOOPBACK, lifetime=(-30 * DAY, -DAY)),
+        "wrong_host": root.issue("wrong-host.test", hosts=("wrong.example",)),
+        "self_signed": self_signed(directory, "self-signed.test"),
+        "expiring": root.issue(
+            "expiring.test", hosts=LOOPBACK, lifetime=(-DAY, 3 * DAY + timedelta(hours=1))
+        ),
+        "chained": intermediate.issue("chained.test", hosts=LOOPBACK),
+        "client": root.issue("probe", client=True),
     }
-    for name, spec in specs.items():
-        common_name = "probe" if name == "client" else f"{name.replace('_', '-')}.test"
-        cert, key = _certificate(common_name, **spec)
-        made[name] = (cert, key, [inter_cert] if name == "chained" else [])
-    result: dict[str, Cert] = {}
-    for name, (cert, key, extra) in made.items():
-        presented = [cert, *extra]
-        chain = directory / f"{name}.pem"
-        chain.write_text("".join(_pem(each) for each in presented))
-        key_file = directory / f"{name}.key"
-        key_file.write_text(_key_pem(key))
-        result[name] = Cert(
-            name=name,
-            pem=_pem(cert),
-            key_pem=_key_pem(key),
-            chain=chain,
-            key=key_file,
-            subject=cert.subject.rfc4514_string(),
-            earliest_expiry=min(each.not_valid_after_utc for each in presented),
-        )
-    return result
 
 
 class FakeCoordinator(agent_pb2_grpc.AgentServiceServicer):

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# The helpers beside the test bed (tests/pki.py), as pytest finds them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from .run import Outcome, install_signal_handlers, run_suite, unavailable
 

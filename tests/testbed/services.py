@@ -15,17 +15,12 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki import DAY, TestCA
 
 from .processes import Process
 from .scenario import DOMAIN, PORTS, Target
@@ -33,7 +28,6 @@ from .topology import Host, Router
 
 SERVERS = Path(__file__).with_name("servers.py")
 SERVFAIL_PORT = 5353
-_DAY = datetime.timedelta(days=1)
 
 
 def nginx_binary() -> str:
@@ -71,91 +65,28 @@ def dnsmasq_argv(address: object, *options: str) -> list[str]:
     ]
 
 
-@dataclass(frozen=True, slots=True)
 class Certificates:
-    """A test CA and server certificates signed by it, as PEM files in ``directory``."""
+    """A test CA (``tests/pki.py``) and server certificates signed by it, as PEM files in
+    ``directory``; the CA is made by ``create_ca``."""
 
-    directory: Path
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._ca: TestCA | None = None
 
     @property
     def ca_file(self) -> Path:
         return self.directory / "ca.pem"
 
     def create_ca(self) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vantage test bed CA")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _DAY)
-            .not_valid_after(now + 30 * _DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self._write_key("ca", key)
-
-    def _write_key(self, stem: str, key: ec.EllipticCurvePrivateKey) -> Path:
-        path = self.directory / f"{stem}.key"
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return path
+        self._ca = TestCA(self.directory, "vantage test bed CA", lifetime=(-DAY, 30 * DAY))
 
     def issue(self, host: str, *, expired: bool) -> tuple[Path, Path]:
         """(certificate, key) for ``host``: valid for 30 days, or expired yesterday."""
-        ca_cert = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
-        ca_key = serialization.load_pem_private_key((self.directory / "ca.key").read_bytes(), None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        start, end = (now - 30 * _DAY, now - _DAY) if expired else (now - _DAY, now + 30 * _DAY)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        assert self._ca is not None, "create_ca() first"
+        lifetime = (-30 * DAY, -DAY) if expired else (-DAY, 30 * DAY)
         stem = f"{host}{'-expired' if expired else ''}"
-        cert_path = self.directory / f"{stem}.pem"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return cert_path, self._write_key(stem, key)
+        issued = self._ca.issue(host, hosts=(host,), lifetime=lifetime, stem=stem)
+        return issued.chain, issued.key
 
 
 def target_process(
