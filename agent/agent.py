@@ -25,6 +25,7 @@ from vantage import names, native
 from vantage.checks import split_host_port
 from vantage.logs import get_logger
 from vantage.results import ProbeResult
+from vantage.tls import ClientTls
 
 from .errors import FatalError, most_severe
 from .link import CoordinatorLink
@@ -52,7 +53,10 @@ class AgentSettings:
     coordinator: str
     name: str
     region: str
-    token: str = field(repr=False)
+    # None: a client certificate (``tls.cert_file``) stands in for the token.
+    token: str | None = field(repr=False)
+    # How to dial the coordinator; None: TLS unless it is on a loopback address.
+    tls: ClientTls | None = None
     # Results between scheduler and link; beyond this the newest are dropped and counted.
     outbox_size: int = 10_000
     # Results sent but not yet acknowledged; beyond this the oldest are dropped.
@@ -83,8 +87,10 @@ class AgentSettings:
             raise ValueError(f"coordinator address {self.coordinator!r} is not host:port") from None
         names.agent_name(self.name)
         names.agent_name(self.region, "region")
-        if not self.token.strip():
+        if self.token is not None and not self.token.strip():
             raise ValueError("the token is empty")
+        if self.token is None and (self.tls is None or self.tls.cert_file is None):
+            raise ValueError("an agent needs a token or a client certificate")
         for label, number in (
             ("outbox_size", self.outbox_size),
             ("buffer_size", self.buffer_size),
@@ -137,6 +143,7 @@ class Agent:
             reply_timeout=settings.reply_timeout,
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
+            tls=settings.tls,
         )
         self._log = get_logger("agent").bind(agent=settings.name, region=settings.region)
 

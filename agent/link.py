@@ -4,8 +4,10 @@ and its assignments in, kept alive across coordinator restarts and network troub
 Lifecycle: ``await link.run()`` runs until cancelled or until the coordinator refuses the
 agent for good (``FatalError``). Each stream goes:
 
-1. dial ``host:port`` (insecure channel), call ``AgentService.Connect`` with the token in
-   the ``authorization: Bearer`` metadata, send ``Hello``;
+1. dial ``host:port`` (TLS or plaintext as ``tls`` says: ``vantage.tls.ClientTls``, its
+   files read again at each dial, so renewed certificates are picked up), call
+   ``AgentService.Connect`` with the token in the ``authorization: Bearer`` metadata
+   (none when the client certificate stands in for it), send ``Hello``;
 2. wait for ``Welcome``: forget buffered results at or below its ``last_seq``, adopt its
    heartbeat interval, then send every result still unacknowledged, oldest first;
 3. then, concurrently: send ``ResultBatch``es (up to ``batch_size`` results, or whatever
@@ -26,8 +28,13 @@ Errors (see ``agent.errors``)::
      ├── TransientError   unreachable, stream closed or broken, coordinator silent:
      │                    log why, back off (full jitter, initial doubling to a cap,
      │                    reset after a stream that lived a while), reconnect
-     └── FatalError       UNAUTHENTICATED (token refused) or INVALID_ARGUMENT (hello
-                          refused): log an error and raise; the process exits 1
+     └── FatalError       UNAUTHENTICATED (token refused), PERMISSION_DENIED (the token
+                          is another agent's or another region's) or INVALID_ARGUMENT
+                          (hello refused): log an error and raise; the process exits 1
+
+A TLS problem (an untrusted certificate, a plaintext port, a refused client certificate)
+is transient, since a fix on either side needs no restart here, and its log line says
+which flag or file would fix it (``vantage.tls.connection_problem``).
 """
 
 from __future__ import annotations
@@ -43,9 +50,11 @@ import grpc
 import grpc.aio
 
 import vantage
+from vantage.client import unreachable_reason
 from vantage.durations import format_duration
 from vantage.logs import get_logger
 from vantage.results import ProbeResult
+from vantage.tls import ClientTls, TlsError
 from vantage.wire import WireError, check_from_pb, results_to_pb
 from vantage_proto.v1 import agent_pb2
 from vantage_proto.v1.agent_pb2_grpc import AgentServiceStub
@@ -72,8 +81,12 @@ _Call = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.CoordinatorM
 
 _FATAL = {
     grpc.StatusCode.UNAUTHENTICATED: "coordinator refused the token (UNAUTHENTICATED)",
+    grpc.StatusCode.PERMISSION_DENIED: "coordinator refused this agent (PERMISSION_DENIED)",
     grpc.StatusCode.INVALID_ARGUMENT: "coordinator refused this agent (INVALID_ARGUMENT)",
 }
+# Messages from the coordinator can be large (a full set of checks with their CA files);
+# what the agent accepts is bounded all the same.
+MAX_RECEIVE = 64 << 20
 
 
 class CoordinatorLink:
@@ -90,7 +103,7 @@ class CoordinatorLink:
         *,
         name: str,
         region: str,
-        token: str,
+        token: str | None,
         outbox: asyncio.Queue[ProbeResult],
         apply: ApplyAssignments,
         run_now: RunNow,
@@ -107,9 +120,11 @@ class CoordinatorLink:
         backoff_max: float = 30.0,
         stable_after: float = 60.0,
         rng: random.Random | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         self._target = coordinator
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._tls = tls if tls is not None else ClientTls.choose(coordinator)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._outbox = outbox
         self._apply = apply
         self._run_now = run_now
@@ -135,7 +150,7 @@ class CoordinatorLink:
         self._stable_after = stable_after
         self._rng = rng or random.Random()
         self._log = get_logger("agent.link").bind(
-            agent=name, region=region, coordinator=coordinator
+            agent=name, region=region, coordinator=coordinator, tls=self._tls.describe()
         )
         self._welcomed_at: float | None = None  # loop time of the current stream's Welcome
         self._last_sent = 0.0
@@ -200,7 +215,13 @@ class CoordinatorLink:
         self._awaiting_since = None
         self._assigned.clear()  # each stream starts with a full set
         self._write_lock = asyncio.Lock()
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        try:
+            channel = self._tls.aio_channel(
+                self._target, [("grpc.max_receive_message_length", MAX_RECEIVE)]
+            )
+        except TlsError as exc:
+            raise TransientError(str(exc)) from None
+        async with channel:
             call: _Call = AgentServiceStub(channel).Connect(None, metadata=self._metadata)
             try:
                 await self._greet(call)
@@ -412,20 +433,9 @@ class CoordinatorLink:
         fatal = _FATAL.get(code)
         if fatal is not None:
             return FatalError(f"{fatal}: {details}" if details else fatal)
-        detail = _last_clause(details or code.name)
+        detail = unreachable_reason(details or code.name, self._tls)
         if code == grpc.StatusCode.UNAVAILABLE:
             if self._welcomed_at is None:
                 return TransientError(f"coordinator unreachable: {detail}")
             return TransientError(f"connection to coordinator lost: {detail}")
         return TransientError(f"stream failed ({code.name}): {detail}")
-
-
-def _last_clause(details: str) -> str:
-    """gRPC's "failed to connect to all addresses; last error: UNKNOWN: ipv4:...:
-    Failed to connect to remote host: Connection refused" -> "connection refused"."""
-    clause = details.rsplit(": ", 1)[-1].strip() or details
-    # The clause may close brackets opened before it: "... (Socket closed: server shutdown))".
-    for opening, closing in ("()", "[]"):
-        while clause.endswith(closing) and clause.count(closing) > clause.count(opening):
-            clause = clause[:-1]
-    return clause[:1].lower() + clause[1:]

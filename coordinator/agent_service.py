@@ -2,13 +2,14 @@
 
 Lifecycle of a ``Connect`` stream, as the coordinator runs it:
 
-1. **Authenticate** from the ``authorization: Bearer <token>`` metadata, before anything
-   else. An unknown or missing token ends the stream with UNAUTHENTICATED; so does a token
-   bound to another agent name (known once Hello names the agent). A refused stream
-   creates no fleet or engine state; it is logged (peer and, when the agent sent one, the
-   name it claimed) and counted.
+1. **Authenticate** from the ``authorization: Bearer <token>`` metadata (or the client
+   certificate standing in for it; ``coordinator.auth``), before anything else: a
+   missing, malformed, unknown or revoked token ends the stream with UNAUTHENTICATED.
 2. **Hello** must come first, within ``HELLO_TIMEOUT``, with a valid name and region;
-   otherwise INVALID_ARGUMENT.
+   otherwise INVALID_ARGUMENT. A name or region other than the token's ends the stream
+   with PERMISSION_DENIED. A refused stream creates no fleet or engine state; it is
+   logged (peer and, when the agent sent one, the name and region it claimed) and
+   counted.
 3. The agent joins the fleet (replacing an older stream with its name, which ends with
    ABORTED) and the engine, and is sent Welcome and its full assignments.
 4. Then, in any order: a ResultBatch is folded into the engine and acknowledged with the
@@ -18,8 +19,18 @@ Lifecycle of a ``Connect`` stream, as the coordinator runs it:
    ProbeResponses go to ``coordinator.ondemand``, which also hears of the stream's end.
 5. The stream ends when the agent closes it, is silent for ``SILENCE_HEARTBEATS``
    heartbeat intervals (UNAVAILABLE), is replaced (ABORTED), stops reading so that its
-   outbox fills (RESOURCE_EXHAUSTED), or the server stops. Whatever the cause, the agent
+   outbox fills (RESOURCE_EXHAUSTED), sends a message over ``limits.max_message_bytes``
+   (RESOURCE_EXHAUSTED, by ``coordinator.gate``), its token is revoked
+   (UNAUTHENTICATED), or the server stops. Whatever the cause, the agent
    leaves the engine and is marked disconnected in the fleet.
+
+**Pacing.** Each stream has a budget of messages (``limits.agent_message_rate``) and of
+results (``limits.agent_result_rate``: by default four times what the agent's checks
+produce on schedule). Above it the next message is read only once the budget allows
+(gRPC's flow control holds the agent back), with a heartbeat to the agent every
+heartbeat interval meanwhile so that it does not give up on a silent coordinator. Every
+delayed message counts in ``vantage_requests_refused_total{endpoint="agent",
+reason="throttled"}``; one warning per episode names the agent.
 
 Results are dropped (and counted in ``vantage_results_dropped_total``) when they do not
 convert (``invalid``), name a check not currently assigned (``unassigned``) or have a
@@ -34,23 +45,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import grpc
 from structlog.typing import FilteringBoundLogger
 
 from vantage import __version__, names
+from vantage.client import REFUSAL_METADATA
 from vantage.logs import get_logger
 from vantage.wire import WireError, check_to_pb, result_from_pb
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc
 
+from .auth import Authenticator, AuthError, Principal, bearer_token, certificate_names
 from .engine import VerdictEngine
 from .fleet import AgentFleet, AgentHello
+from .limits import LimitsConfig, TokenBucket
 from .metrics import CoordinatorMetrics
 from .ondemand import OnDemandChecks
 from .registry import CheckChange, CheckRegistry
-from .tokens import TokenRegistry
 from .transitions import TransitionRecorder
 
 if TYPE_CHECKING:
@@ -90,7 +103,18 @@ class _AgentStream:
     ``finish`` ends it cleanly once everything queued so far has been written.
     """
 
-    def __init__(self, checks: CheckRegistry, stream_log: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        checks: CheckRegistry,
+        stream_log: FilteringBoundLogger,
+        limits: LimitsConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.messages = TokenBucket(
+            limits.agent_message_rate, limits.agent_message_burst, clock=clock
+        )
+        self.results = TokenBucket(*limits.result_rate(checks.scheduled_rate, len(checks)))
+        self.throttled = False
         # None in the outbox: finish cleanly after the messages queued before it.
         self._outbox: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = asyncio.Queue(
             maxsize=OUTBOX_CAPACITY
@@ -172,10 +196,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         engine: VerdictEngine,
         fleet: AgentFleet,
         checks: CheckRegistry,
-        tokens: TokenRegistry,
+        authenticator: Authenticator,
         recorder: TransitionRecorder,
         metrics: CoordinatorMetrics,
         heartbeat_interval: float,
+        limits: LimitsConfig | None = None,
         clock: Callable[[], float] = time.time,
         on_demand: OnDemandChecks | None = None,
     ) -> None:
@@ -183,17 +208,22 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._engine = engine
         self._fleet = fleet
         self._checks = checks
-        self._tokens = tokens
+        self._auth = authenticator
+        self._limits = limits or LimitsConfig()
         self._recorder = recorder
         self._metrics = metrics
         self._heartbeat_interval = heartbeat_interval
         self._clock = clock
 
     def push_assignments(self, change: CheckChange) -> None:
-        """Send a check set change to every connected agent (never blocks)."""
+        """Send a check set change to every connected agent (never blocks), and give
+        each stream the result budget of the new set."""
         if change:
+            rate = self._limits.result_rate(self._checks.scheduled_rate, len(self._checks))
             for link in self._fleet.links():
                 link.assign(change)
+                if isinstance(link, _AgentStream):
+                    link.results.set_rate(*rate)
 
     def send_probe(self, agent: str, request: agent_pb2.ProbeRequest) -> object | None:
         """Send an on-demand ProbeRequest on ``agent``'s live stream (never blocks);
@@ -243,28 +273,45 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     ) -> None:
         peer = context.peer()
         messages = aiter(request_iterator)
-        token = _bearer_token(context.invocation_metadata())
-        if token is None or not self._tokens.known(token):
+        try:
+            principal = self._auth.agent(
+                bearer_token(context.invocation_metadata()),
+                certificate_names(context.auth_context()),
+            )
+        except AuthError as exc:
             claimed = await _claimed_hello(messages)
-            why = "missing bearer token" if token is None else "unknown token"
-            await self._refuse(context, peer, claimed, why)
+            await self._refuse(context, peer, claimed, exc)
         hello = await self._read_hello(messages, context, peer)
-        if not self._tokens.admits(token, hello.name):
-            await self._refuse(context, peer, hello, "token is bound to another agent name")
-        await self._serve(hello, messages, context, peer)
+        try:
+            self._auth.admit_agent(principal, hello.name, hello.region)
+        except AuthError as exc:
+            await self._refuse(context, peer, hello, exc, principal)
+        await self._serve(hello, principal, messages, context, peer)
 
     async def _refuse(
-        self, context: Context, peer: str, hello: AgentHello | None, why: str
+        self,
+        context: Context,
+        peer: str,
+        hello: AgentHello | None,
+        error: AuthError,
+        principal: Principal | None = None,
     ) -> NoReturn:
         self._metrics.auth_failed()
+        self._metrics.refused("agent", error.reason)
         log.warning(
             "agent refused",
-            why=why,
+            why=error.message,
+            code=error.code.name,
             peer=peer,
+            token=None if principal is None else principal.name,
             agent=None if hello is None else hello.name,
             region=None if hello is None else hello.region,
         )
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"agent not admitted: {why}")
+        await context.abort(
+            error.code,
+            f"agent not admitted: {error.message}",
+            trailing_metadata=((REFUSAL_METADATA, error.reason),),
+        )
 
     async def _read_hello(
         self,
@@ -294,6 +341,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def _serve(
         self,
         hello: AgentHello,
+        principal: Principal,
         messages: AsyncIterator[agent_pb2.AgentMessage],
         context: Context,
         peer: str,
@@ -301,7 +349,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         stream_log: FilteringBoundLogger = log.bind(
             agent=hello.name, region=hello.region, instance_id=hello.instance_id
         )
-        stream = _AgentStream(self._checks, stream_log)
+        stream = _AgentStream(self._checks, stream_log, self._limits)
+        session = self._auth.open_session(
+            principal,
+            lambda why: stream.end(f"agent not admitted: {why}", grpc.StatusCode.UNAUTHENTICATED),
+            capped=False,
+        )
         replaced = self._fleet.connect(hello, stream)
         self._metrics.stream_opened()
         ending: _StreamEnd | None = None
@@ -315,6 +368,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             stream_log.info(
                 "agent connected",
                 peer=peer,
+                token=principal.name,
+                via=principal.via,
                 version=hello.version,
                 capabilities=list(hello.capabilities),
                 last_seq=last_seq,
@@ -344,6 +399,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 ending = first
         finally:
             # Synchronous on purpose: this also runs when the RPC is cancelled.
+            self._auth.close_session(session)
             self._metrics.stream_closed()
             if self._on_demand is not None:
                 self._on_demand.stream_ended(hello.name, stream)
@@ -386,6 +442,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 ) from None
             self._fleet.seen(hello.name)
             kind = message.WhichOneof("kind")
+            wait = stream.messages.debit(1)
+            if kind == "results":
+                wait = max(wait, stream.results.debit(len(message.results.results)))
+            if wait > 0:
+                await self._pace(hello, stream, stream_log, wait)
+            elif stream.throttled:
+                stream.throttled = False
+                stream_log.info("agent back within its message and result rates")
             if kind == "results":
                 seq = self._ingest(hello, message.results.results, stream_log)
                 stream.send(agent_pb2.CoordinatorMessage(ack=agent_pb2.ResultAck(seq=seq)))
@@ -401,6 +465,37 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 self._on_demand.answered(hello.name, stream, message.probe_response)
             else:
                 stream_log.debug("agent message ignored", kind=kind)
+
+    async def _pace(
+        self,
+        hello: AgentHello,
+        stream: _AgentStream,
+        stream_log: FilteringBoundLogger,
+        wait: float,
+    ) -> None:
+        """Hold the stream for ``wait`` seconds (the agent is over its budget), telling
+        the agent the coordinator is alive every heartbeat interval meanwhile."""
+        self._metrics.refused("agent", "throttled")
+        if not stream.throttled:
+            stream.throttled = True
+            stream_log.warning(
+                "agent over its message or result rate: pacing its stream",
+                wait=round(wait, 3),
+                message_rate=self._limits.agent_message_rate,
+                result_rate=round(
+                    self._limits.result_rate(self._checks.scheduled_rate, len(self._checks))[0],
+                    1,
+                ),
+            )
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        while (left := until - loop.time()) > 0:
+            await asyncio.sleep(min(left, self._heartbeat_interval))
+            if until - loop.time() > 0:
+                now_us = round(self._clock() * _US)
+                stream.send(
+                    agent_pb2.CoordinatorMessage(heartbeat=agent_pb2.Heartbeat(sent_unix_us=now_us))
+                )
 
     def _ingest(
         self,
@@ -467,16 +562,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             seq=message.seq,
             **fields,
         )
-
-
-def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The token of an ``authorization: Bearer <token>`` entry, if there is one."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
 
 
 def _hello_from_pb(message: agent_pb2.Hello) -> AgentHello:

@@ -56,6 +56,7 @@ from vantage.logs import get_logger
 from vantage.public_json import JsonShapeError, message_from_json, message_json
 from vantage_proto.v1 import query_pb2
 
+from .auth import CALLER, Authenticator, AuthError
 from .query_service import QueryService, ReplayGone, VerdictStream, watch_end_code
 from .transitions import WatcherOverflow
 
@@ -233,8 +234,19 @@ class HttpContext(grpc.aio.ServicerContext[object, object]):
         return {}
 
 
-def add_routes(app: web.Application, queries: QueryService) -> None:
-    """Add every ``ROUTES`` entry, the OpenAPI file, and JSON errors under ``PREFIX``."""
+def add_routes(
+    app: web.Application,
+    queries: QueryService,
+    authenticator: Authenticator | None = None,
+    *,
+    body_timeout: float = 30.0,
+) -> None:
+    """Add every ``ROUTES`` entry, the OpenAPI file, and JSON errors under ``PREFIX``.
+
+    A request body must arrive within ``body_timeout`` seconds (408). A watch is a
+    session of ``authenticator``'s for the caller the gate admitted (``auth.CALLER``):
+    capped per caller (429) and ended by an ``error`` event when its token is revoked.
+    """
     spec = Path(__file__).with_name(OPENAPI).read_text()
     streams: set[_EventStream] = set()
 
@@ -247,9 +259,9 @@ def add_routes(app: web.Application, queries: QueryService) -> None:
 
     for route in ROUTES:
         if route.streams:
-            handler = _watch_handler(route, queries, streams)
+            handler = _watch_handler(route, queries, streams, authenticator, body_timeout)
         else:
-            handler = _unary_handler(route, queries)
+            handler = _unary_handler(route, queries, body_timeout)
         app.router.add_route(route.method, route.path, handler)
     app.router.add_get(f"{PREFIX}/{OPENAPI}", openapi)
     app.middlewares.append(_json_errors)
@@ -260,12 +272,12 @@ def add_routes(app: web.Application, queries: QueryService) -> None:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _unary_handler(route: Route, queries: QueryService) -> _Handler:
+def _unary_handler(route: Route, queries: QueryService, body_timeout: float) -> _Handler:
     method = getattr(queries, route.rpc)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            fields = await _request_fields(route, request)
+            fields = await _request_fields(route, request, body_timeout)
             message = _parse(route, fields, route.request_type)
         except JsonShapeError as exc:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -281,10 +293,16 @@ def _unary_handler(route: Route, queries: QueryService) -> _Handler:
     return handle
 
 
-def _watch_handler(route: Route, queries: QueryService, streams: set[_EventStream]) -> _Handler:
+def _watch_handler(
+    route: Route,
+    queries: QueryService,
+    streams: set[_EventStream],
+    authenticator: Authenticator | None,
+    body_timeout: float,
+) -> _Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            fields = await _request_fields(route, request)
+            fields = await _request_fields(route, request, body_timeout)
             last_event_id = request.headers.get("Last-Event-ID")
             if last_event_id is not None:
                 fields["after_id"] = _integer("Last-Event-ID", last_event_id)
@@ -298,6 +316,16 @@ def _watch_handler(route: Route, queries: QueryService, streams: set[_EventStrea
             return error_response(abort.code, abort.details)
         peer = context.peer()
         stream = _EventStream()
+        principal = CALLER.get()
+        session = None
+        if authenticator is not None and principal is not None:
+            try:
+                session = authenticator.open_session(
+                    principal, lambda why: stream.close(grpc.StatusCode.UNAUTHENTICATED, why)
+                )
+            except AuthError as exc:
+                watch.__exit__(None, None, None)
+                return error_response(exc.code, exc.message)
         streams.add(stream)
         response = web.StreamResponse(
             headers={
@@ -315,6 +343,8 @@ def _watch_handler(route: Route, queries: QueryService, streams: set[_EventStrea
             pass  # the client went away: nobody to tell
         finally:
             streams.discard(stream)
+            if session is not None and authenticator is not None:
+                authenticator.close_session(session)
             log.info("verdict watcher gone", peer=peer)
         return response
 
@@ -323,12 +353,16 @@ def _watch_handler(route: Route, queries: QueryService, streams: set[_EventStrea
 
 class _EventStream:
     """Relays one watch to its HTTP response until the watch fails, the client goes, or
-    ``close()`` (the server is shutting down)."""
+    ``close()``: the server is shutting down, or, with a ``code``, the caller is no
+    longer admitted (one ``error`` event says why)."""
 
     def __init__(self) -> None:
         self._closing = asyncio.Event()
+        self._error: tuple[grpc.StatusCode, str] | None = None
 
-    def close(self) -> None:
+    def close(self, code: grpc.StatusCode | None = None, message: str = "") -> None:
+        if code is not None and self._error is None:
+            self._error = (code, message)
         self._closing.set()
 
     async def relay(self, watch: VerdictStream, response: web.StreamResponse) -> None:
@@ -357,6 +391,9 @@ class _EventStream:
                 await response.write(
                     f"id: {transition.id}\nevent: transition\ndata: {data}\n\n".encode()
                 )
+            if self._error is not None:
+                body = json.dumps(error_body(*self._error))
+                await response.write(f"event: error\ndata: {body}\n\n".encode())
         finally:
             closing.cancel()
             if pending is not None:
@@ -365,13 +402,30 @@ class _EventStream:
                     await pending
 
 
-async def _request_fields(route: Route, request: web.Request) -> dict[str, Any]:
+async def _request_fields(
+    route: Route, request: web.Request, body_timeout: float
+) -> dict[str, Any]:
     """The request in the public JSON shape: path parameters, query parameters (named in
-    ``route.query``) and, for POST, the JSON body. ``JsonShapeError`` when malformed."""
+    ``route.query``) and, for POST, the JSON body. ``JsonShapeError`` when malformed;
+    413 and 408 (``web.HTTPException``) when the body is too large or too slow."""
     descriptor = route.request_type.DESCRIPTOR
     fields: dict[str, Any] = {}
     if request.method == "POST":
-        raw = await request.read()
+        try:
+            async with asyncio.timeout(body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                reason=f"the request body did not arrive within {body_timeout:g}s "
+                "(limits.http_idle_timeout)"
+            ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=request.client_max_size,
+                actual_size=request.content_length or 0,
+                reason=f"the request body is over {request.client_max_size:,} bytes "
+                "(limits.max_body_bytes)",
+            ) from None
         try:
             body = json.loads(raw) if raw.strip() else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -454,7 +508,14 @@ def error_response(code: grpc.StatusCode, message: str) -> web.Response:
     return web.json_response(error_body(code, message), status=HTTP_STATUS.get(code, 500))
 
 
-_HTTP_TO_STATUS = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}
+_HTTP_TO_STATUS = {
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+# Our own reasons say what went wrong; aiohttp's stock ones need the request named.
+_OWN_REASONS = frozenset({408, 413})
 
 
 @web.middleware
@@ -469,10 +530,12 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         if exc.status < 400:
             raise
         code = _HTTP_TO_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-        response = web.json_response(
-            error_body(code, f"{exc.reason}: {request.method} {request.path}"),
-            status=exc.status,
+        message = (
+            exc.reason
+            if exc.status in _OWN_REASONS
+            else f"{exc.reason}: {request.method} {request.path}"
         )
+        response = web.json_response(error_body(code, message), status=exc.status)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
         return response

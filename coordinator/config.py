@@ -4,8 +4,14 @@ A configuration file is YAML; every key is optional::
 
     listen: 127.0.0.1:7400          # gRPC, for agents and queries; port 0 picks a free port
     http_listen: 127.0.0.1:9470     # /metrics, /healthz and the JSON API (/api/v1/)
+    tls:                            # TLS on both ports (vantage.tls); reloaded on change
+      cert_file: fullchain.pem      #   beyond loopback either this or `tls: off` (plaintext,
+      key_file: privkey.pem         #   warned at start) is required
+      client_ca_file: agents-ca.pem #   mutual TLS: gRPC clients present a cert it signed
+    query_auth: tokens              # tokens: queries need a query/checknow token (loopback
+                                    # only while none exists); none: anyone may query
     checks_file: checks.yaml        # relative paths resolve against this file's directory
-    tokens_file: tokens.yaml        # without one, no agent is admitted
+    tokens_file: tokens.yaml        # without one, no agent is admitted (coordinator.tokens)
     store_file: vantage.db          # verdict history (SQLite); without one the newest 100,000
                                     # are kept in memory, afresh (ids from 1) at each start
     history_retention: 30d          # transitions older than this are pruned (at least 1s)
@@ -18,6 +24,10 @@ A configuration file is YAML; every key is optional::
       burst: 5
       max_in_flight: 16             # on-demand checks at once, whoever asks
       max_timeout: 30s              # the longest probe timeout a client may ask for
+    limits:                         # what one caller may ask (coordinator.limits)
+      max_message_bytes: 4MiB
+      agent_result_rate: auto
+      max_streams_per_token: 8
     mqtt:                           # publishing to a broker (coordinator.mqtt); off without url
       url: mqtt://broker:1883       # or mqtts://broker:8883 (TLS, verifying the broker)
       topic_prefix: vantage/        # topics: vantage/status, verdict/<check>, agent/<name>, events
@@ -43,20 +53,32 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from vantage.checks import Seconds
 from vantage.configfile import (
     ConfigError,
+    is_loopback_host,
     read_yaml,
     resolve_path,
     split_host_port,
     validation_message,
 )
 from vantage.durations import duration_within, format_duration
+from vantage.tls import ServerTlsConfig
 
+from .auth import QueryAuth
 from .engine import EngineSettings
+from .limits import LimitsConfig
 from .mqtt import MqttConfig
 from .ondemand import OnDemandConfig
 from .store import RETENTION
@@ -93,6 +115,11 @@ class EngineConfig(BaseModel):
         return EngineSettings(**self.model_dump())
 
 
+def _tls_off(value: Any) -> Any:
+    """``tls: off`` (YAML reads it as false) and ``tls: "off"`` both mean plaintext."""
+    return "off" if value is False or value == "off" else value
+
+
 class CoordinatorConfig(BaseModel):
     """Everything the coordinator needs to start. Paths are absolute after ``load_config``."""
 
@@ -100,6 +127,9 @@ class CoordinatorConfig(BaseModel):
 
     listen: str = DEFAULT_LISTEN
     http_listen: str = DEFAULT_HTTP_LISTEN
+    # None: not configured (loopback only); "off": plaintext wherever, as asked.
+    tls: Annotated[ServerTlsConfig | Literal["off"] | None, BeforeValidator(_tls_off)] = None
+    query_auth: QueryAuth = QueryAuth.TOKENS
     checks_file: Path | None = None
     tokens_file: Path | None = None
     store_file: Path | None = None
@@ -108,6 +138,7 @@ class CoordinatorConfig(BaseModel):
     per_agent_metrics: bool = False
     engine: EngineConfig = Field(default_factory=EngineConfig)
     on_demand: OnDemandConfig = Field(default_factory=OnDemandConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
 
     @field_validator("listen", "http_listen")
@@ -115,6 +146,19 @@ class CoordinatorConfig(BaseModel):
     def _is_host_port(cls, address: str) -> str:
         split_host_port(address, port_zero=True)
         return address
+
+    @property
+    def server_tls(self) -> ServerTlsConfig | None:
+        """The TLS settings to serve with; None for plaintext."""
+        return self.tls if isinstance(self.tls, ServerTlsConfig) else None
+
+    def exposed(self) -> list[str]:
+        """The listener settings (``listen``, ``http_listen``) beyond loopback."""
+        return [
+            name
+            for name in ("listen", "http_listen")
+            if not is_loopback_host(split_host_port(getattr(self, name), port_zero=True)[0])
+        ]
 
     @field_validator("heartbeat_interval")
     @classmethod
@@ -134,8 +178,8 @@ class CoordinatorConfig(BaseModel):
 def load_config(path: Path | None) -> CoordinatorConfig:
     """Read and validate a configuration file; None gives the built-in defaults.
 
-    Relative ``checks_file``, ``tokens_file``, ``store_file`` and the ``mqtt:`` files
-    resolve against the file's directory.
+    Relative ``checks_file``, ``tokens_file``, ``store_file`` and the ``tls:`` and
+    ``mqtt:`` files resolve against the file's directory.
     Raises ``ConfigError`` (one line: file, line, field) on any problem.
     """
     if path is None:
@@ -154,9 +198,32 @@ def load_config(path: Path | None) -> CoordinatorConfig:
             "checks_file": resolve_path(base, config.checks_file),
             "tokens_file": resolve_path(base, config.tokens_file),
             "store_file": resolve_path(base, config.store_file),
+            "tls": tls.resolved(base) if (tls := config.server_tls) is not None else config.tls,
             "mqtt": config.mqtt.resolved(base),
         }
     )
+
+
+def exposure_problem(config: CoordinatorConfig, has_query_tokens: bool) -> str | None:
+    """Why ``config`` must not start as it is (one line), or None: a listener beyond
+    loopback needs TLS or an explicit ``tls: off``, and query tokens or an explicit
+    ``query_auth: none``."""
+    exposed = config.exposed()
+    if not exposed:
+        return None
+    where = " and ".join(f"{name} {getattr(config, name)}" for name in exposed)
+    if config.tls is None:
+        return (
+            f"{where} is beyond loopback without TLS: set tls.cert_file and tls.key_file "
+            "(or `tls: off` to serve plaintext there on purpose)"
+        )
+    if config.query_auth is QueryAuth.TOKENS and not has_query_tokens:
+        return (
+            f"{where} is beyond loopback and the tokens file has no query token: create one "
+            "(vantage token create --name NAME --scope query), or set `query_auth: none` to "
+            "let anyone who reaches the port query"
+        )
+    return None
 
 
 def engine_fields() -> tuple[str, ...]:

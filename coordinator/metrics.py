@@ -58,6 +58,16 @@ The coordinator's own health, counted as things happen:
 - ``vantage_watch_streams_open``, ``vantage_watch_streams_overflowed_total``: clients'
   verdict watches (gRPC and JSON), and those ended because they fell behind.
 - ``vantage_checks_reloads_total{result}``: ``applied``, ``unchanged``, ``failed``.
+- ``vantage_requests_refused_total{endpoint,reason}``: calls, streams, messages and
+  connections refused or held back, by where they came (``agent`` streams, the gRPC
+  ``query`` service, the ``http`` port) and why (``REFUSALS``: ``unauthenticated``,
+  ``permission_denied``, ``too_large``, ``too_many_streams``, ``rate_limited``,
+  ``throttled`` (an agent paced to its rate), ``too_many_connections``, ``timeout``).
+- ``vantage_tokens_reloads_total{result}``: tokens file reloads: ``applied``,
+  ``failed``.
+- ``vantage_tls_reloads_total{result}``, ``vantage_tls_cert_expiry_timestamp_seconds``:
+  the coordinator's own certificate (``tls:``): reloads (``applied``, ``failed``) and
+  when the served one expires.
 - ``vantage_build_info{version}``: always 1.
 
 Plus the standard ``process_*`` and ``python_info`` collectors. Each ``CoordinatorMetrics``
@@ -103,6 +113,17 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstre
 EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DROP_REASONS = ("unassigned", "duplicate", "invalid")
 RELOAD_RESULTS = ("applied", "unchanged", "failed")
+# Where each refusal can happen: every pair is exposed from the start (0 until it does).
+REFUSALS = {
+    "agent": ("unauthenticated", "permission_denied", "too_large", "throttled"),
+    "query": (
+        "unauthenticated", "permission_denied", "too_large", "too_many_streams", "rate_limited",
+    ),
+    "http": (
+        "unauthenticated", "permission_denied", "too_large", "too_many_streams", "rate_limited",
+        "too_many_connections", "timeout",
+    ),
+}  # fmt: skip
 # engine.tick() takes well under a millisecond with nothing due and tens of milliseconds
 # when thousands of checks are re-evaluated at once (tests/bench/bench_ingest.py tick).
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -204,6 +225,27 @@ class CoordinatorMetrics:
         )
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
+        self._refused = Counter(
+            "vantage_requests_refused",
+            "Calls, streams, messages and connections refused or held back, by endpoint "
+            "(agent, query, http) and reason.",
+            ["endpoint", "reason"],
+            registry=self.registry,
+        )
+        for endpoint, reasons in REFUSALS.items():
+            for reason in reasons:
+                self._refused.labels(endpoint, reason)
+        self._token_reloads = Counter(
+            "vantage_tokens_reloads",
+            "Tokens file reloads, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("applied", "failed"):
+            self._token_reloads.labels(result)
+        # Only with TLS (``tls_serving``): without it there is nothing to tell.
+        self._tls_reloads: Counter | None = None
+        self._tls_expiry: Gauge | None = None
 
     def exposition(self, names: Collection[str] | None = None) -> bytes:
         """What ``/metrics`` serves, in the text format (``EXPOSITION_TYPE``): the
@@ -260,6 +302,38 @@ class CoordinatorMetrics:
 
     def watcher_overflowed(self) -> None:
         self._watchers_overflowed.inc()
+
+    def refused(self, endpoint: str, reason: str) -> None:
+        """A call, stream, message or connection at ``endpoint`` was refused (or, for
+        ``throttled``, held back) for ``reason``; see ``REFUSALS``."""
+        if reason not in REFUSALS.get(endpoint, ()):
+            raise ValueError(f"unknown refusal {endpoint}/{reason}")
+        self._refused.labels(endpoint, reason).inc()
+
+    def tokens_reloaded(self, result: str) -> None:
+        self._token_reloads.labels(result).inc()
+
+    def tls_serving(self, not_after: float) -> None:
+        """The TLS certificate served now expires at ``not_after``."""
+        if self._tls_expiry is None:
+            self._tls_expiry = Gauge(
+                "vantage_tls_cert_expiry_timestamp_seconds",
+                "When the certificate the coordinator serves expires (notAfter, Unix seconds).",
+                registry=self.registry,
+            )
+            self._tls_reloads = Counter(
+                "vantage_tls_reloads",
+                "Reloads of the coordinator's TLS certificate files, by result.",
+                ["result"],
+                registry=self.registry,
+            )
+            for result in ("applied", "failed"):
+                self._tls_reloads.labels(result)
+        self._tls_expiry.set(not_after)
+
+    def tls_reloaded(self, result: str) -> None:
+        if self._tls_reloads is not None:
+            self._tls_reloads.labels(result).inc()
 
     def checks_reloaded(self, result: str) -> None:
         if result not in RELOAD_RESULTS:

@@ -5,10 +5,10 @@ Lifecycle of one ``OnDemandChecks.check_now`` (what ``QueryService.CheckNow`` se
 1. **The check.** The target and type become a check of the ordinary model
    (``vantage.targets``), named ``checknow-<id>``, with the request's timeout (a default
    when 0, at most ``on_demand.max_timeout``). INVALID_ARGUMENT otherwise.
-2. **Rate limit.** A token bucket per client address (``context.peer()``, port left out):
-   ``on_demand.rate`` tokens a second up to ``on_demand.burst``, in a table of at most
-   ``MAX_CLIENTS`` clients (the least recently seen go first). RESOURCE_EXHAUSTED saying
-   when to retry.
+2. **Rate limit.** A token bucket per caller (``coordinator.auth.Principal.key``: its
+   token, or its address where queries need none): ``on_demand.rate`` tokens a second
+   up to ``on_demand.burst``, in a table of at most ``limits.MAX_CLIENTS`` callers (the
+   least recently seen go first). RESOURCE_EXHAUSTED saying when to retry.
 3. **Bounded work.** At most ``on_demand.max_in_flight`` checks at once, whoever asks;
    RESOURCE_EXHAUSTED past it.
 4. **The guard** (``vantage.guard``; on unless ``on_demand.guard: false``): the target's
@@ -41,19 +41,14 @@ the servicer aborts the call with them.
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
-from urllib.parse import unquote
 
 import grpc
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vantage.checks import AnyCheck, Seconds
 from vantage.durations import duration_within, format_duration
@@ -66,6 +61,7 @@ from vantage_proto.v1 import agent_pb2, query_pb2
 
 from .engine import EngineSettings, RegionTally, judge
 from .fleet import AgentFleet
+from .limits import Rate, RateLimiter, format_rate, retry_after
 from .verdicts import Verdict
 from .wire import verdict_to_pb
 
@@ -74,42 +70,10 @@ log = get_logger("coordinator.ondemand")
 # Time past the probe's timeout to wait for answers: the request's and the answer's trip
 # over the agents' streams, and the agent's own grace for cutting a probe off.
 ANSWER_MARGIN = 2.0
-# Clients whose buckets are kept; the least recently seen go first beyond this.
-MAX_CLIENTS = 10_000
 # How long the guard waits for the coordinator's resolver, at most.
 RESOLVE_TIMEOUT = 5.0
 MIN_TIMEOUT = 0.1
 MAX_TIMEOUT = 60.0
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
-_RATE_UNITS = {
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "h": 3600.0,
-    "hour": 3600.0,
-}
-
-
-def parse_rate(value: Any) -> Any:
-    """'10/min', '1/s', '100/hour' -> tokens a second."""
-    if not isinstance(value, str):
-        raise ValueError("a rate is written like 10/min, 1/s or 100/hour")
-    match = _RATE.match(value)
-    if match is None or float(match.group(1)) <= 0:
-        raise ValueError(f"{value!r} is not a rate (write e.g. 10/min, 1/s or 100/hour)")
-    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
-
-
-def format_rate(per_second: float) -> str:
-    """The friendliest exact spelling: 1/6 -> '10/min'."""
-    for unit, seconds in (("s", 1.0), ("min", 60.0), ("hour", 3600.0)):
-        count = per_second * seconds
-        if count >= 1 and abs(count - round(count)) < 1e-9:
-            return f"{round(count)}/{unit}"
-    return f"{per_second * 3600:g}/hour"
 
 
 class OnDemandConfig(BaseModel):
@@ -119,7 +83,7 @@ class OnDemandConfig(BaseModel):
 
     guard: bool = True
     allow: tuple[str, ...] = ()
-    rate: Annotated[float, BeforeValidator(parse_rate)] = 10 / 60
+    rate: Rate = 10 / 60
     burst: int = Field(default=5, ge=1, le=10_000)
     max_in_flight: int = Field(default=16, ge=1, le=1_000)
     max_timeout: Seconds = 30.0
@@ -177,60 +141,6 @@ class CheckNowAnswer:
     unable: tuple[str, ...]
 
 
-class RateLimiter:
-    """A token bucket per client: ``rate`` tokens a second, at most ``burst`` saved up,
-    one per call. The table keeps the ``max_clients`` most recently seen clients; one
-    forgotten starts again with a full bucket (it had not called for a while)."""
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int,
-        *,
-        max_clients: int = MAX_CLIENTS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._max_clients = max_clients
-        self._clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, client: str) -> float:
-        """Take a token for ``client``: 0 when it had one, else the seconds until it will
-        (nothing taken)."""
-        now = self._clock()
-        tokens, then = self._buckets.pop(client, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - then) * self._rate)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / self._rate
-        self._buckets[client] = (tokens, now)
-        while len(self._buckets) > self._max_clients:
-            self._buckets.popitem(last=False)
-        return wait
-
-
-def client_address(peer: str) -> str:
-    """The client's address in a gRPC peer string, without the port:
-    'ipv4:192.0.2.7:51234' -> '192.0.2.7', 'ipv6:%5B2001:db8::7%5D:5123' -> '2001:db8::7'.
-    Anything else is taken whole (every Unix-socket client is one client)."""
-    kind, _, rest = unquote(peer).partition(":")
-    if kind in ("ipv4", "ipv6"):
-        host, _, port = rest.rpartition(":")
-        if host and port.isdigit():
-            rest = host
-        return rest.strip("[]") or peer[:128]
-    if kind == "unix":
-        return "unix"
-    return peer[:128]
-
-
 @dataclass(slots=True)
 class _Pending:
     """One check-now call waiting for answers."""
@@ -279,20 +189,19 @@ class OnDemandChecks:
         return self._in_flight
 
     async def check_now(
-        self, target: str, probe_type: str, timeout_ms: int, peer: str
+        self, target: str, probe_type: str, timeout_ms: int, client: str
     ) -> CheckNowAnswer:
-        """Serve one check-now call from the client at ``peer`` (see the module
-        docstring); OnDemandError when refused."""
+        """Serve one check-now call from ``client`` (what its rate limit keys on: its
+        token, or its address; see the module docstring); OnDemandError when refused."""
         request_id = uuid.uuid4().hex[:16]
         check = self._check(target, probe_type, timeout_ms, f"checknow-{request_id}")
-        client = client_address(peer)
         wait = self._limiter.take(client)
         if wait:
             log.info("check-now refused: rate limit", client=client, target=target[:256])
             raise OnDemandError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit reached: {format_rate(self.config.rate)} on-demand checks per "
-                f"client (burst {self.config.burst}); retry in {math.ceil(wait)}s",
+                f"caller (burst {self.config.burst}); {retry_after(wait)}",
             )
         if self._in_flight >= self.config.max_in_flight:
             raise OnDemandError(

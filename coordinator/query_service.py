@@ -30,6 +30,7 @@ from vantage.logs import get_logger
 from vantage.public_json import enum_names
 from vantage_proto.v1 import query_pb2, query_pb2_grpc
 
+from .auth import CALLER, peer_host
 from .engine import VerdictEngine
 from .fleet import AgentFleet
 from .ondemand import OnDemandChecks, OnDemandError, answer_to_pb
@@ -221,14 +222,18 @@ class QueryService(query_pb2_grpc.QueryServiceServicer):
         self, request: query_pb2.CheckNowRequest, context: Context
     ) -> query_pb2.CheckNowResponse:
         """Probe the target now from every connected agent and judge the answers (see
-        ``coordinator.ondemand``). Only ``context.peer()`` (the client, for its rate
-        limit) and ``context.abort()`` are used, so the JSON mirror's context serves too."""
+        ``coordinator.ondemand``). The rate limit keys on the caller the gate admitted
+        (``auth.CALLER``: its token), or on ``context.peer()``'s address without one.
+        Only ``peer()`` and ``abort()`` of the context are used, so the JSON mirror's
+        context serves too."""
         if self._on_demand is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CheckNow is not served here")
             raise AssertionError("unreachable")  # abort raises
         try:
+            caller = CALLER.get()
+            client = caller.key if caller is not None else f"client:{peer_host(context.peer())}"
             answer = await self._on_demand.check_now(
-                request.target, request.type, request.timeout_ms, context.peer()
+                request.target, request.type, request.timeout_ms, client
             )
         except OnDemandError as exc:
             await context.abort(exc.code, exc.message)

@@ -27,7 +27,8 @@ class CheckRegistry:
     """The current checks by name, in file order. Replaced as a whole, never edited."""
 
     def __init__(self, checks: Iterable[AnyCheck] = ()) -> None:
-        self._checks: dict[str, AnyCheck] = {check.name: check for check in checks}
+        self._checks: dict[str, AnyCheck] = {}
+        self.replace(checks)
 
     def __len__(self) -> int:
         return len(self._checks)
@@ -58,3 +59,9 @@ class CheckRegistry:
 
     def replace(self, checks: Iterable[AnyCheck]) -> None:
         self._checks = {check.name: check for check in checks}
+        self._scheduled = sum(1.0 / check.interval for check in self._checks.values())
+
+    @property
+    def scheduled_rate(self) -> float:
+        """Results a second one agent produces on schedule running every check."""
+        return self._scheduled

@@ -13,12 +13,19 @@ Lifecycle::
   (``/api/v1/``, ``coordinator.api``);
 - the engine ticker: ``engine.tick()`` every second, so stale views move verdicts and
   rounds of second opinions end on time (and the rechecks it asks for are sent);
-- the checks reloader: on SIGHUP and when the checks file changes (polled every 2 s).
-  A bad file logs one error line and changes nothing; a good one is applied and the
-  change pushed to every connected agent;
+- the file reloader: on SIGHUP and when the checks file or the tokens file changes
+  (polled every ``RELOAD_POLL_INTERVAL``). A bad file logs one error line and changes
+  nothing. A good checks file is applied and the change pushed to every connected agent;
+  a good tokens file replaces the admitted tokens, and every stream whose token it no
+  longer lists ends (``coordinator.auth``);
+- with ``tls:``, the certificate reloader (``vantage.tls.ServerCertificates``);
 - the transition store's pruner (``history_retention``); the store is closed when
   ``run()`` ends;
 - the MQTT publisher (``coordinator.mqtt``), only when ``mqtt.url`` is configured.
+
+Every call passes the gate first (``coordinator.gate``: authentication, scopes, size
+limits, stream and connection caps). A listener beyond loopback needs TLS (or
+``tls: off``) and query tokens (or ``query_auth: none``): ``ConfigError`` otherwise.
 
 Once both listeners are bound it logs ``coordinator listening`` with the actual
 ``grpc_port`` and ``http_port`` (end-to-end tests read them from that line), fills
@@ -49,30 +56,33 @@ from vantage import __version__
 from vantage.checks import AnyCheck, load_checks
 from vantage.configfile import ConfigError
 from vantage.logs import get_logger
-from vantage_proto.v1 import agent_pb2, agent_pb2_grpc, query_pb2, query_pb2_grpc
+from vantage.tls import ServerCertificates, TlsError
+from vantage_proto.v1 import agent_pb2_grpc, query_pb2_grpc
 
 from .agent_service import AgentService
-from .config import CoordinatorConfig
+from .auth import Authenticator, QueryAuth
+from .config import CoordinatorConfig, exposure_problem
 from .engine import VerdictEngine
 from .errors import ListenError
 from .fleet import AgentFleet
+from .gate import AGENT_SERVICE, QUERY_SERVICE, GrpcGate, http_gate
 from .http import HttpEndpoint, build_app
+from .limits import GRPC_SLACK, LimitsConfig
 from .metrics import CoordinatorMetrics
 from .mqtt import MqttPublisher
 from .ondemand import OnDemandChecks
 from .query_service import QueryService
 from .registry import CheckRegistry
 from .store import TransitionStore
-from .tokens import TokenRegistry
+from .tokens import Scope, TokenRegistry
 from .transitions import TransitionFeed, TransitionLog, TransitionRecorder
 
 log = get_logger("coordinator")
 
 TICK_INTERVAL = 1.0
-RELOAD_POLL_INTERVAL = 2.0
+# Half a second: a revoked token's streams end within a second.
+RELOAD_POLL_INTERVAL = 0.5
 GRPC_GRACE = 2.0
-AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Agents sit behind NAT and cheap links: pings keep idle streams open through middleboxes
 # and let the server notice a peer that vanished without closing its connection.
@@ -81,7 +91,19 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A connection with no call for this long is closed (clients reconnect by themselves).
+    ("grpc.max_connection_idle_ms", 300_000),
 ]
+
+
+def _grpc_options(limits: LimitsConfig) -> list[tuple[str, int]]:
+    return [
+        *_GRPC_OPTIONS,
+        # gRPC's own ceiling: above ours (coordinator.gate counts what is between).
+        ("grpc.max_receive_message_length", int(limits.max_message_bytes) + GRPC_SLACK),
+        # The TLS handshake and HTTP/2's settings exchange, on a connection that stalls.
+        ("grpc.server_handshake_timeout_ms", round(limits.handshake_timeout * 1000)),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +121,31 @@ class GrpcEndpoint:
     with ``port`` filled in, serves until cancelled, then stops with ``GRPC_GRACE``.
     """
 
-    def __init__(self, address: str, agents: AgentService, queries: QueryService) -> None:
+    def __init__(
+        self,
+        address: str,
+        agents: AgentService,
+        queries: QueryService,
+        *,
+        gate: GrpcGate,
+        limits: LimitsConfig,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         self.address = address
         self.port: int | None = None
         self.bound = asyncio.Event()
         self._agents = agents
         self._queries = queries
+        self._gate = gate
+        self._limits = limits
+        self._credentials = credentials
 
     async def run(self) -> None:
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        server = grpc.aio.server(
+            interceptors=[self._gate],
+            options=_grpc_options(self._limits),
+            maximum_concurrent_rpcs=self._limits.max_concurrent_rpcs,
+        )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agents, server)
         query_pb2_grpc.add_QueryServiceServicer_to_server(self._queries, server)
         health = HealthServicer()
@@ -116,7 +154,10 @@ class GrpcEndpoint:
             (AGENT_SERVICE, QUERY_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
         try:
-            port = server.add_insecure_port(self.address)
+            if self._credentials is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, self._credentials)
         except RuntimeError as exc:  # grpcio raises this, with no reason, on a failed bind
             raise ListenError(f"cannot listen on {self.address} (listen): {exc}") from exc
         await server.start()
@@ -134,10 +175,10 @@ class GrpcEndpoint:
 class Coordinator:
     """One coordinator: fleet, checks, engine, services, metrics and listeners.
 
-    The constructor reads the checks and tokens files named in ``config`` (and MQTT's
-    password and CA files), opens the transition store (``store_file``), and raises
-    ``ConfigError`` (one line) when one of them is unusable; nothing listens until
-    ``run()``.
+    The constructor reads the checks and tokens files named in ``config`` (and the TLS
+    files, MQTT's password and CA files), opens the transition store (``store_file``),
+    and raises ``ConfigError`` (one line) when one of them is unusable or the listeners
+    would be exposed unprotected; nothing listens until ``run()``.
     ``clock`` (wall-clock seconds) drives the engine and the fleet's timestamps.
     ``reload_on_sighup`` installs a SIGHUP handler on the running loop during ``run()``
     (main thread only; leave it off when several coordinators share a process).
@@ -156,11 +197,20 @@ class Coordinator:
         self.config = config
         self._reload_on_sighup = reload_on_sighup
         self._checks_signature = _signature(config.checks_file)
-        checks = load_checks(config.checks_file) if config.checks_file is not None else ()
-        self._tokens = (
+        checks = self._load_checks() if config.checks_file is not None else ()
+        self._tokens_signature = _signature(config.tokens_file)
+        tokens = (
             TokenRegistry.load(config.tokens_file)
             if config.tokens_file is not None
             else TokenRegistry()
+        )
+        problem = exposure_problem(config, tokens.has_scope(Scope.QUERY, Scope.CHECKNOW))
+        if problem is not None:
+            raise ConfigError(problem)
+        self.authenticator = Authenticator(
+            tokens,
+            query_auth=config.query_auth,
+            max_streams=config.limits.max_streams_per_token,
         )
 
         self.checks = CheckRegistry(checks)
@@ -179,6 +229,13 @@ class Coordinator:
         feed = TransitionFeed(self.metrics)
         self._recorder = TransitionRecorder(self.transitions, feed, self.metrics)
         self._recorder.record(self.engine.set_checks(checks))
+        self.certificates: ServerCertificates | None = None
+        if (tls := config.server_tls) is not None:
+            try:
+                self.certificates = ServerCertificates(tls, on_reload=self._tls_reloaded)
+            except TlsError as exc:
+                raise ConfigError(str(exc)) from None
+            self.metrics.tls_serving(self.certificates.not_after)
 
         self.on_demand = OnDemandChecks(
             config.on_demand,
@@ -191,10 +248,11 @@ class Coordinator:
             engine=self.engine,
             fleet=self.fleet,
             checks=self.checks,
-            tokens=self._tokens,
+            authenticator=self.authenticator,
             recorder=self._recorder,
             metrics=self.metrics,
             heartbeat_interval=config.heartbeat_interval,
+            limits=config.limits,
             clock=clock,
             on_demand=self.on_demand,
         )
@@ -206,9 +264,34 @@ class Coordinator:
             history=self.transitions,
             on_demand=self.on_demand,
         )
-        self._grpc = GrpcEndpoint(config.listen, self._agents, queries)
-        app = build_app(metrics=self.metrics.exposition, health=self._health, queries=queries)
-        self._http = HttpEndpoint(config.http_listen, app)
+        gate = GrpcGate(
+            self.authenticator,
+            self.metrics,
+            max_message_bytes=int(config.limits.max_message_bytes),
+        )
+        self._grpc = GrpcEndpoint(
+            config.listen,
+            self._agents,
+            queries,
+            gate=gate,
+            limits=config.limits,
+            credentials=self.certificates.grpc_credentials() if self.certificates else None,
+        )
+        app = build_app(
+            metrics=self.metrics.exposition,
+            health=self._health,
+            queries=queries,
+            gate=http_gate(self.authenticator, self.metrics),
+            authenticator=self.authenticator,
+            limits=config.limits,
+        )
+        self._http = HttpEndpoint(
+            config.http_listen,
+            app,
+            ssl_context=self.certificates.ssl_context() if self.certificates else None,
+            limits=config.limits,
+            on_refused=lambda reason: self.metrics.refused("http", reason),
+        )
         self.mqtt = (
             MqttPublisher(
                 config.mqtt,
@@ -238,8 +321,10 @@ class Coordinator:
                 tasks.create_task(self._http.run())
                 tasks.create_task(self._announce())
                 tasks.create_task(self._tick())
-                tasks.create_task(self._watch_checks_file())
+                tasks.create_task(self._watch_files())
                 tasks.create_task(self.transitions.store.run())
+                if self.certificates is not None:
+                    tasks.create_task(self.certificates.run())
                 if self.mqtt is not None:
                     tasks.create_task(self.mqtt.run())
         except ExceptionGroup as group:
@@ -264,7 +349,7 @@ class Coordinator:
             log.info("no checks_file configured, nothing to reload")
             return False
         try:
-            checks = load_checks(path)
+            checks = self._load_checks()
         except ConfigError as exc:
             self.metrics.checks_reloaded("failed")
             log.error(
@@ -275,6 +360,43 @@ class Coordinator:
             return False
         self._apply(checks)
         return True
+
+    def _load_checks(self) -> tuple[AnyCheck, ...]:
+        """The checks file, within ``limits.max_checks_per_agent``; ConfigError."""
+        assert self.config.checks_file is not None
+        checks = load_checks(self.config.checks_file)
+        most = self.config.limits.max_checks_per_agent
+        if len(checks) > most:
+            raise ConfigError(
+                f"{self.config.checks_file}: {len(checks):,} checks is more than "
+                f"limits.max_checks_per_agent ({most:,}); every agent runs every check"
+            )
+        return checks
+
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file and admit by it from now on; False when there is none
+        or it is invalid (one error line; the admitted tokens stay). Every open stream
+        the new file no longer admits ends at once."""
+        path = self.config.tokens_file
+        if path is None:
+            return False
+        try:
+            tokens = TokenRegistry.load(path)
+        except ConfigError as exc:
+            self.metrics.tokens_reloaded("failed")
+            log.error("tokens file refused, the admitted tokens stay", error=str(exc))
+            return False
+        self.metrics.tokens_reloaded("applied")
+        ended = self.authenticator.replace(tokens)
+        for warning in tokens.warnings:
+            log.warning(warning)
+        log.info("tokens reloaded", tokens=len(tokens), streams_ended=len(ended))
+        return True
+
+    def _tls_reloaded(self, result: str) -> None:
+        self.metrics.tls_reloaded(result)
+        if self.certificates is not None:
+            self.metrics.tls_serving(self.certificates.not_after)
 
     def _apply(self, checks: tuple[AnyCheck, ...]) -> None:
         change = self.checks.change_to(checks)
@@ -317,17 +439,37 @@ class Coordinator:
                 "on-demand guard is off (on_demand.guard: false): CheckNow will probe any "
                 "address, including private, loopback and cloud metadata ones"
             )
-        if not self._tokens:
+        tokens = self.authenticator.tokens
+        if not tokens.has_scope(Scope.AGENT):
             log.warning(
                 "no agent tokens configured: every agent will be refused",
                 tokens_file=str(self.config.tokens_file) if self.config.tokens_file else None,
             )
+        for warning in tokens.warnings:
+            log.warning(warning)
+        exposed = self.config.exposed()
+        if exposed and self.certificates is None:
+            log.warning(
+                "serving plaintext beyond loopback (tls: off): tokens and verdicts cross "
+                "the network unencrypted",
+                listeners=[getattr(self.config, name) for name in exposed],
+            )
+        if self.authenticator.query_auth is QueryAuth.NONE:
+            log.warning(
+                "query_auth: none: anyone who reaches the ports may query verdicts and run "
+                "on-demand checks",
+            )
+        elif self.authenticator.queries_open:
+            log.info("no query tokens: queries are answered for loopback clients only")
         log.info(
             "coordinator listening",
             grpc_port=self.bound_ports.grpc,
             http_port=self.bound_ports.http,
             listen=self.config.listen,
             http_listen=self.config.http_listen,
+            tls="off"
+            if self.certificates is None
+            else ("mutual" if self.certificates.mutual else "on"),
             checks=len(self.checks),
             version=__version__,
         )
@@ -341,7 +483,8 @@ class Coordinator:
             self.metrics.engine_ticked(time.perf_counter() - started)
             self._agents.send_rechecks()
 
-    async def _watch_checks_file(self) -> None:
+    async def _watch_files(self) -> None:
+        """Reload the checks and tokens files on SIGHUP and when they change."""
         hangup = asyncio.Event()
         hup = getattr(signal, "SIGHUP", None) if self._reload_on_sighup else None
         with _signal_handler(hup, hangup.set):
@@ -351,13 +494,24 @@ class Coordinator:
                         await hangup.wait()
                 if hangup.is_set():
                     hangup.clear()
-                    log.info("SIGHUP: reloading checks", checks_file=_str(self.config.checks_file))
+                    log.info(
+                        "SIGHUP: reloading checks and tokens",
+                        checks_file=_str(self.config.checks_file),
+                        tokens_file=_str(self.config.tokens_file),
+                    )
                     self._checks_signature = _signature(self.config.checks_file)
+                    self._tokens_signature = _signature(self.config.tokens_file)
+                    self.reload_tokens()
                     self.reload_checks()
                     continue
+                # Remember each signature first: a bad file is reported once, not every poll.
+                signature = _signature(self.config.tokens_file)
+                if signature != self._tokens_signature:
+                    self._tokens_signature = signature
+                    log.info("tokens file changed", tokens_file=_str(self.config.tokens_file))
+                    self.reload_tokens()
                 signature = _signature(self.config.checks_file)
                 if signature != self._checks_signature:
-                    # Remember it first: a bad file is reported once, not every poll.
                     self._checks_signature = signature
                     log.info("checks file changed", checks_file=_str(self.config.checks_file))
                     self.reload_checks()

@@ -19,16 +19,21 @@ import grpc
 from vantage_proto.v1 import common_pb2, query_pb2, query_pb2_grpc
 
 from .public_json import enum_text, message_json, timestamp_text
+from .tls import ClientTls, connection_problem
 
 __all__ = [
+    "REFUSAL_METADATA",
     "ClientError",
     "NotFound",
     "QueryClient",
     "agent_json",
+    "call_error",
     "failure_name",
+    "refusal_reason",
     "region_state_name",
     "state_name",
     "timestamp_text",
+    "unreachable_reason",
     "verdict_json",
 ]
 
@@ -64,12 +69,23 @@ def agent_json(agent: query_pb2.Agent) -> dict[str, Any]:
 
 
 class QueryClient:
-    """Blocking calls to one coordinator; each call has its own deadline."""
+    """Blocking calls to one coordinator, over ``tls`` (default: plaintext to a loopback
+    address, TLS otherwise) with ``token`` as the bearer token when given; each call has
+    its own deadline."""
 
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 5.0,
+        *,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self.tls = tls if tls is not None else ClientTls.choose(address)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = self.tls.channel(address)
         self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
 
     def close(self) -> None:
@@ -93,12 +109,57 @@ class QueryClient:
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            code = exc.code()
-            detail = exc.details() or code.name
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(detail) from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                detail = f"cannot reach the coordinator at {self.address} ({code.name.lower()})"
-            raise ClientError(detail) from None
+            raise call_error(self.address, self.tls, exc.code(), exc.details()) from None
+
+
+# The trailing metadata with which the coordinator's gate marks the calls it refuses
+# (the reason of vantage_requests_refused_total): their caller, not their request, is
+# the problem.
+REFUSAL_METADATA = "vantage-refusal"
+
+
+def refusal_reason(metadata: Any) -> str | None:
+    """The gate's refusal reason in a failed call's trailing metadata; None for a call
+    the gate let through."""
+    for key, value in metadata or ():
+        if key == REFUSAL_METADATA:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def unreachable_reason(details: str, tls: ClientTls) -> str:
+    """Why gRPC could not reach the coordinator, short: TLS trouble in words
+    (``vantage.tls.connection_problem``), else the last clause of gRPC's details:
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: Failed to
+    connect to remote host: Connection refused" -> "connection refused"."""
+    problem = connection_problem(details, tls)
+    if problem is not None:
+        return problem
+    clause = details.rsplit(": ", 1)[-1].strip() or details
+    # The clause may close brackets opened before it: "... (Socket closed: server shutdown))".
+    for opening, closing in ("()", "[]"):
+        while clause.endswith(closing) and clause.count(closing) > clause.count(opening):
+            clause = clause[:-1]
+    return clause[:1].lower() + clause[1:]
+
+
+def call_error(
+    address: str, tls: ClientTls, code: grpc.StatusCode, details: str | None
+) -> ClientError:
+    """The one line a failed call becomes: what the coordinator said, or why it could
+    not be reached (``vantage.tls.connection_problem`` for TLS trouble)."""
+    detail = details or code.name
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(detail)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        why = unreachable_reason(detail, tls)
+        return ClientError(f"cannot reach the coordinator at {address}: {why}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ClientError(f"the coordinator at {address} did not answer in time")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ClientError(f"refused by the coordinator (unauthenticated): {detail}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ClientError(f"refused by the coordinator (permission denied): {detail}")
+    return ClientError(detail)

@@ -135,6 +135,19 @@ def resolve_path(base: Path, path: Path | None) -> Path | None:
     return (base / path.expanduser()).absolute()
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for 'localhost' and loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def split_host_port(address: str, *, port_zero: bool = False) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host without brackets, port).
 

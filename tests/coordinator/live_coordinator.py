@@ -52,6 +52,8 @@ class Running:
     coordinator: Coordinator
     directory: Path
     channel: grpc.aio.Channel
+    # Sent with metrics() when set: the coordinator has query tokens.
+    query_token: str | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -72,9 +74,10 @@ class Running:
         return self.directory / "checks.yaml"
 
     async def metrics(self) -> str:
+        headers = {"Authorization": f"Bearer {self.query_token}"} if self.query_token else {}
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"{self.http_url}/metrics") as response,
+            session.get(f"{self.http_url}/metrics", headers=headers) as response,
         ):
             assert response.status == 200
             return await response.text()
@@ -102,8 +105,12 @@ class FakeAgent:
         *,
         token: str | None = TOKEN,
         instance_id: str = "instance-a",
+        authorization: str | None = None,
     ) -> None:
+        """``authorization``, when given, is sent as it is instead of the token."""
         metadata = [("authorization", f"Bearer {token}")] if token is not None else []
+        if authorization is not None:
+            metadata = [("authorization", authorization)]
         self.name = name
         self.region = region
         self.instance_id = instance_id

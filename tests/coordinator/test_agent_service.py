@@ -43,7 +43,7 @@ async def test_missing_token_is_refused(running: Running) -> None:
 async def test_token_bound_to_another_agent_is_refused(running: Running) -> None:
     agent = running.agent("us-1", "us", token=EU_TOKEN)
     await agent.hello()
-    assert await agent.status() == grpc.StatusCode.UNAUTHENTICATED
+    assert await agent.status() == grpc.StatusCode.PERMISSION_DENIED
     assert await _agents(running) == []
     bound = running.agent("eu-1", "eu", token=EU_TOKEN)
     await bound.handshake()

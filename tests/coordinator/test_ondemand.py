@@ -17,7 +17,8 @@ import pytest
 from live_coordinator import TOKEN, WAIT, FakeAgent, Running, eventually, start, write_config
 
 from agent.agent import Agent, AgentSettings
-from coordinator.ondemand import RateLimiter, client_address, format_rate, parse_rate
+from coordinator.auth import peer_host
+from coordinator.limits import RateLimiter, format_rate, parse_rate
 from vantage_proto.v1 import agent_pb2, common_pb2, query_pb2
 
 # Two regions of one agent each make a verdict.
@@ -266,7 +267,7 @@ async def test_the_rate_limit_per_client_says_when_to_retry(tmp_path: Path) -> N
         code, message = await refused(running, "http://127.0.0.2:1/")
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         pattern = (
-            r"rate limit reached: 2/min on-demand checks per client \(burst 2\); retry in (\d+)s"
+            r"rate limit reached: 2/min on-demand checks per caller \(burst 2\); retry in (\d+)s"
         )
         match = re.fullmatch(pattern, message)
         assert match is not None, message
@@ -469,7 +470,7 @@ def test_the_rate_limiter_table_is_bounded() -> None:
     ],
 )
 def test_clients_are_told_apart_by_address(peer: str, client: str) -> None:
-    assert client_address(peer) == client
+    assert peer_host(peer) == client
 
 
 def test_rates_are_written_per_second_minute_or_hour() -> None:

@@ -130,3 +130,8 @@ class VethCoordinator(Coordinator):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def connect(self) -> tuple[str, ...]:
+        # Beyond loopback a client asks for TLS unless told: these coordinators run `tls: off`.
+        return ("--coordinator", self.address, "--plaintext")

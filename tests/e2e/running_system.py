@@ -107,6 +107,11 @@ class Coordinator:
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def connect(self) -> tuple[str, ...]:
+        """The flags that point a `vantage` command or agent at this coordinator."""
+        return ("--coordinator", self.address)
+
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.http_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -116,7 +121,7 @@ class Coordinator:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `vantage` client command against this coordinator."""
         result = subprocess.run(
-            [VANTAGE, *args, "--coordinator", self.address],
+            [VANTAGE, *args, *self.connect],
             capture_output=True,
             text=True,
             timeout=30,
@@ -188,8 +193,7 @@ class System:
             *prefix,
             VANTAGE,
             "agent",
-            "--coordinator",
-            coordinator.address,
+            *coordinator.connect,
             "--name",
             name,
             "--region",

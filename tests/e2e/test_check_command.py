@@ -32,6 +32,9 @@ from running_system import VANTAGE, Coordinator, System, free_port, wait_until
 pytestmark = pytest.mark.e2e
 
 ALLOWED = "127.0.0.2"  # the one loopback address the module's coordinator allows
+# A coordinator on the namespace's link listens beyond loopback: these tests are about
+# where a check runs, not about exposure, so it says so (tests/e2e/test_internet.py is).
+ON_A_LINK = "tls: off\nquery_auth: none\n"
 CONFIG = f"""\
 listen: 127.0.0.1:0
 http_listen: 127.0.0.1:0
@@ -244,7 +247,9 @@ def test_a_local_probe_that_cannot_run_is_not_a_failure(fleet: Fleet) -> None:
 def test_an_unreachable_coordinator_is_one_line() -> None:
     address = f"127.0.0.1:{free_port()}"
     line = one_error_line(run_check("http://example.org/", "--coordinator", address))
-    assert line == f"vantage check: error: cannot reach the coordinator at {address} (unavailable)"
+    assert line == (
+        f"vantage check: error: cannot reach the coordinator at {address}: connection refused"
+    )
 
 
 def test_a_bad_target_is_a_usage_error() -> None:
@@ -260,14 +265,14 @@ def test_the_rate_limit(system: System) -> None:
     coordinator = system.coordinator(write_files(system.dir, config))
     target = f"http://{ALLOWED}:{port_on(ALLOWED)}/"
     for _ in range(2):
-        done = run_check(target, "--coordinator", coordinator.address)
+        done = run_check(target, *coordinator.connect)
         assert done.returncode == 1, done  # no agent: not known to be up
         assert done.stdout.splitlines()[0] == (
             "unknown: no agent is connected; failing here (connect_refused)"
         )
-    line = one_error_line(run_check(target, "--coordinator", coordinator.address))
+    line = one_error_line(run_check(target, *coordinator.connect))
     assert re.fullmatch(
-        r"vantage check: error: rate limit reached: 2/min on-demand checks per client "
+        r"vantage check: error: rate limit reached: 2/min on-demand checks per caller "
         r"\(burst 2\); retry in (\d+)s",
         line,
     ), line
@@ -278,8 +283,11 @@ def test_the_rate_limit(system: System) -> None:
 
 def test_its_just_you(system: System) -> None:
     with client_namespace() as namespace:
-        config = CONFIG.replace("127.0.0.1:0", f"{namespace.host}:0", 1).replace(
-            f"allow: [{ALLOWED}/32]", "allow: [198.18.0.0/15]"
+        config = (
+            CONFIG.replace("127.0.0.1:0", f"{namespace.host}:0", 1).replace(
+                f"allow: [{ALLOWED}/32]", "allow: [198.18.0.0/15]"
+            )
+            + ON_A_LINK
         )
         started = system.coordinator(write_files(system.dir, config))
         coordinator = VethCoordinator.at(started, namespace.host)
@@ -287,7 +295,7 @@ def test_its_just_you(system: System) -> None:
         port = web_server(system, namespace.unreachable)
         target = f"http://{namespace.unreachable}:{port}/"
 
-        done = namespace.run(target, "--coordinator", coordinator.address)
+        done = namespace.run(target, *coordinator.connect)
         assert done.returncode == 1, done
         lines = done.stdout.splitlines()
         assert lines[0] == (
@@ -296,7 +304,7 @@ def test_its_just_you(system: System) -> None:
         assert lines[-1].split()[:5] == ["(here)", "0", "1", "0", "network_unreachable"]
 
         # The same command on the host, which reaches the target: up.
-        done = run_check(target, "--coordinator", coordinator.address, "--json")
+        done = run_check(target, *coordinator.connect, "--json")
         assert done.returncode == 0, done
         assert json.loads(done.stdout)["answer"] == "up"
 
@@ -305,17 +313,18 @@ def test_down_in_one_region_only(system: System) -> None:
     # eu-1 runs in the namespace, which does not reach the target; us-1 and the command
     # run on the host, which does.
     with client_namespace("down-in-one-region") as namespace:
-        config = CONFIG.replace("127.0.0.1:0", f"{namespace.host}:0", 1).replace(
-            f"allow: [{ALLOWED}/32]", "allow: [198.18.0.0/15]"
+        config = (
+            CONFIG.replace("127.0.0.1:0", f"{namespace.host}:0", 1).replace(
+                f"allow: [{ALLOWED}/32]", "allow: [198.18.0.0/15]"
+            )
+            + ON_A_LINK
         )
         started = system.coordinator(write_files(system.dir, config))
         coordinator = VethCoordinator.at(started, namespace.host)
         start_agents(system, coordinator, eu_prefix=namespace.prefix)
         port = web_server(system, namespace.unreachable)
 
-        done = run_check(
-            f"http://{namespace.unreachable}:{port}/", "--coordinator", coordinator.address
-        )
+        done = run_check(f"http://{namespace.unreachable}:{port}/", *coordinator.connect)
         assert done.returncode == 1, done
         lines = done.stdout.splitlines()
         assert lines[0] == "down in eu only (network_unreachable); up from here"

@@ -1,8 +1,8 @@
 """The ``vantage`` command: run a coordinator or an agent, ask for verdicts and agents, ask
 whether a target is down for everyone, manage tokens.
 
-One module per command group (``services``, ``queries``, ``check``), each registering its
-commands; what they share is in ``common``.
+One module per command group (``services``, ``queries``, ``check``, ``tokens``), each
+registering its commands; what they share is in ``common``.
 
 Exit codes: 0 success; 1 a service stopped on a fatal error (refused token, ...) or, for
 ``vantage check``, the target is not up; 2 usage, configuration or connection errors and
@@ -22,7 +22,6 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import check, queries, services
 from .common import EXIT_USAGE, UsageError
 
 __all__ = ["UsageError", "main"]
@@ -45,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The whole command line, every group's commands registered."""
+    # Imported here, after main() set GRPC_VERBOSITY: some of them import grpc.
+    from . import check, queries, services, tokens
 
     parser = argparse.ArgumentParser(
         prog="vantage",
@@ -53,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vantage {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (services, queries, check):
+    for group in (services, queries, check, tokens):
         group.add_commands(commands)
     return parser
 

@@ -34,13 +34,16 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import PROBE_TYPES, AnyCheck
 from ..client import failure_name, region_state_name, state_name
 from ..results import FailureClass, ProbeResult
 from ..targets import TargetError, on_demand_check
-from .common import UsageError, add_coordinator_flag, check_address, print_table
+from .common import UsageError, add_connection_flags, client_tls, client_token, print_table
+
+if TYPE_CHECKING:
+    from ..tls import ClientTls
 
 EXIT_UP = 0
 EXIT_NOT_UP = 1
@@ -103,7 +106,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--timeout", type=float, default=5.0, metavar="S", help="probe timeout (default 5)"
     )
     check.add_argument("--json", action="store_true", help="one JSON object for scripts")
-    add_coordinator_flag(check)
+    add_connection_flags(check)
     check.set_defaults(run=run_check)
 
 
@@ -116,9 +119,10 @@ def run_check(args: argparse.Namespace) -> int:
         check = on_demand_check(args.target, args.type or "", args.timeout)
     except TargetError as exc:
         raise UsageError(str(exc)) from None
-    check_address(args.coordinator)
+    tls = client_tls(args)
+    token = client_token(args)
     progress = sys.stderr.isatty() and not args.json
-    response, here = asyncio.run(_ask_and_probe(args, check, progress))
+    response, here = asyncio.run(_ask_and_probe(args, check, progress, tls, token))
     answer, line = summary(response, here)
     if args.json:
         print(json.dumps(check_json(args.target, response, here, answer, line)))
@@ -134,11 +138,15 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 async def _ask_and_probe(
-    args: argparse.Namespace, check: AnyCheck, progress: bool
+    args: argparse.Namespace,
+    check: AnyCheck,
+    progress: bool,
+    tls: ClientTls,
+    token: str | None,
 ) -> tuple[Any, Here]:
     """The coordinator's CheckNow response and the local probe's result, run at once.
     A failed call ends everything at once (UsageError)."""
-    remote = asyncio.create_task(_check_now(args))
+    remote = asyncio.create_task(_check_now(args, tls, token))
     local = asyncio.create_task(probe_here(check))
     ticker = asyncio.create_task(_progress(args.target)) if progress else None
     try:
@@ -157,39 +165,52 @@ async def _ask_and_probe(
             sys.stderr.flush()
 
 
-async def _check_now(args: argparse.Namespace) -> Any:
+async def _check_now(args: argparse.Namespace, tls: ClientTls, token: str | None) -> Any:
     # Imported here: grpc reads GRPC_VERBOSITY, which the CLI sets, when first imported.
-    import grpc
     import grpc.aio
 
     from vantage_proto.v1 import query_pb2, query_pb2_grpc
+
+    from ..client import refusal_reason
 
     request = query_pb2.CheckNowRequest(
         target=args.target, type=args.type or "", timeout_ms=round(args.timeout * 1000)
     )
     deadline = 2 * args.timeout + _RPC_SLACK
-    async with grpc.aio.insecure_channel(args.coordinator) as channel:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async with tls.aio_channel(args.coordinator) as channel:
         stub = query_pb2_grpc.QueryServiceStub(channel)
         try:
-            return await stub.CheckNow(request, timeout=deadline)
+            return await stub.CheckNow(request, timeout=deadline, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            raise UsageError(_call_failed(args.coordinator, exc.code(), exc.details())) from None
+            refused_by = refusal_reason(exc.trailing_metadata())
+            line = _call_failed(args.coordinator, tls, exc.code(), exc.details(), refused_by)
+            raise UsageError(line) from None
 
 
-def _call_failed(address: str, code: Any, details: str | None) -> str:
+def _call_failed(
+    address: str, tls: ClientTls, code: Any, details: str | None, refused_by: object
+) -> str:
+    """The line for a failed CheckNow. A refusal of the gate's (``refused_by``: the
+    caller's token) reads as the other commands' do; one of the guard's names it."""
     import grpc
 
+    from ..client import call_error
+
     text = details or code.name
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return f"cannot reach the coordinator at {address} (unavailable)"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"the coordinator at {address} did not answer in time"
-    if code == grpc.StatusCode.PERMISSION_DENIED:
+    if code == grpc.StatusCode.PERMISSION_DENIED and refused_by is None:
         return f"refused by the on-demand guard: {text}"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"the coordinator at {address} does not serve CheckNow: {text}"
     if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
         return text
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    ):
+        return str(call_error(address, tls, code, details))
     return f"CheckNow failed ({code.name}): {text}"
 
 

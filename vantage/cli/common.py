@@ -1,8 +1,9 @@
 """What every ``vantage`` command shares: the error every refusal becomes, exit codes, the
 table printer, address checks, logging flags and the service runner.
 
-Every module of this package registers its commands with ``add_commands(commands)`` and
-reports a bad input by raising ``UsageError``: ``main()`` prints it as one line,
+Every module of this package registers its commands with ``add_commands(commands)``, takes
+the coordinator's address, TLS and token with ``add_connection_flags``, and reports a bad
+input by raising ``UsageError``: ``main()`` prints it as one line,
 ``vantage COMMAND: error: ...``, and exits 2.
 """
 
@@ -11,13 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import logs
 from ..configfile import split_host_port
+
+if TYPE_CHECKING:
+    from ..tls import ClientTls
 
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 EXIT_OK = 0
@@ -59,14 +64,83 @@ def read_secret(path: Path, what: str = "token") -> str:
     return lines[0]
 
 
-def add_coordinator_flag(parser: argparse.ArgumentParser) -> None:
-    """``--coordinator HOST:PORT`` of a client command, defaulting to this machine."""
-    parser.add_argument(
-        "--coordinator",
-        default=DEFAULT_COORDINATOR,
-        metavar="HOST:PORT",
-        help=f"coordinator's gRPC address (default {DEFAULT_COORDINATOR})",
+def add_connection_flags(parser: argparse.ArgumentParser, *, agent: bool = False) -> None:
+    """How a command reaches the coordinator: ``--coordinator``, TLS and the token.
+
+    A client command defaults to a coordinator on this machine and reads its token from
+    ``--token-file`` or the ``VANTAGE_TOKEN`` environment variable (none: fine where
+    queries need no token). An agent names its coordinator and needs ``--token-file``
+    unless its client certificate stands in for the token.
+    """
+    if agent:
+        parser.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    else:
+        parser.add_argument(
+            "--coordinator",
+            default=DEFAULT_COORDINATOR,
+            metavar="HOST:PORT",
+            help=f"coordinator's gRPC address (default {DEFAULT_COORDINATOR})",
+        )
+    tls = parser.add_argument_group(
+        "TLS", "default: plaintext to a loopback address, TLS verifying the server otherwise"
     )
+    mode = tls.add_mutually_exclusive_group()
+    mode.add_argument("--tls", dest="tls", action="store_true", default=None, help="use TLS")
+    mode.add_argument("--plaintext", dest="tls", action="store_false", help="do not use TLS")
+    tls.add_argument(
+        "--ca-file", type=Path, metavar="FILE", help="CA certificates to verify the server "
+        "with (default: the system's)",
+    )  # fmt: skip
+    tls.add_argument(
+        "--cert-file", type=Path, metavar="FILE", help="client certificate (mutual TLS)"
+    )
+    tls.add_argument("--key-file", type=Path, metavar="FILE", help="its private key")
+    tls.add_argument(
+        "--server-name", metavar="NAME", help="the name the server certificate must carry "
+        "(default: the host of --coordinator)",
+    )  # fmt: skip
+    if agent:
+        parser.add_argument(
+            "--token-file", type=Path, metavar="FILE",
+            help="file holding the agent's token (optional with --cert-file, whose name "
+            "then stands in for it)",
+        )  # fmt: skip
+    else:
+        parser.add_argument(
+            "--token-file", type=Path, metavar="FILE",
+            help="file holding a query token (default: $VANTAGE_TOKEN)",
+        )  # fmt: skip
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls:
+    """The ``ClientTls`` the connection flags ask for; UsageError when they contradict
+    each other or name a file that cannot be read."""
+    # Imported here: grpc reads GRPC_VERBOSITY, which main() sets, when first imported.
+    from ..tls import ClientTls, TlsError
+
+    check_address(args.coordinator)
+    try:
+        tls = ClientTls.choose(
+            args.coordinator,
+            tls=args.tls,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            server_name=args.server_name,
+        )
+        if tls.enabled:
+            tls.credentials()  # every file readable now, or one line saying which is not
+    except TlsError as exc:
+        raise UsageError(str(exc)) from None
+    return tls
+
+
+def client_token(args: argparse.Namespace) -> str | None:
+    """The token of ``--token-file``, else ``$VANTAGE_TOKEN``, else None."""
+    if args.token_file is not None:
+        return read_secret(args.token_file)
+    token = os.environ.get("VANTAGE_TOKEN", "").strip()
+    return token or None
 
 
 def add_log_flags(parser: argparse.ArgumentParser) -> None:

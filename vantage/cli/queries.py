@@ -8,7 +8,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .common import EXIT_OK, UsageError, add_coordinator_flag, check_address, print_table
+from .common import (
+    EXIT_OK,
+    UsageError,
+    add_connection_flags,
+    client_tls,
+    client_token,
+    print_table,
+)
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +40,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    add_coordinator_flag(parser)
+    add_connection_flags(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
@@ -90,9 +97,10 @@ def _query(args: argparse.Namespace, call: Callable[[Any], Any]) -> Any:
     # Imported here, not at the top: grpc reads GRPC_VERBOSITY when it is first imported.
     from ..client import ClientError, QueryClient
 
-    check_address(args.coordinator)
+    tls = client_tls(args)
+    token = client_token(args)
     try:
-        with QueryClient(args.coordinator, timeout=args.timeout) as client:
+        with QueryClient(args.coordinator, timeout=args.timeout, tls=tls, token=token) as client:
             return call(client)
     except ClientError as exc:
         raise UsageError(str(exc)) from None

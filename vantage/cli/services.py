@@ -11,8 +11,9 @@ from .common import (
     EXIT_FATAL,
     EXIT_OK,
     UsageError,
+    add_connection_flags,
     add_log_flags,
-    check_address,
+    client_tls,
     configure_logs,
     read_secret,
     run_service,
@@ -37,14 +38,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run an agent",
         description="Run an agent: dial out to the coordinator, run the checks it assigns, "
         "stream the results. Reconnects by itself; exits 1 when the coordinator refuses "
-        "its token.",
+        "its token, or its name or region (the token is bound to both).",
     )
-    agent.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     agent.add_argument("--name", required=True, help="unique agent name, e.g. eu-1")
     agent.add_argument("--region", required=True, help="region label, e.g. eu")
-    agent.add_argument(
-        "--token-file", required=True, type=Path, metavar="FILE", help="file holding the token"
-    )
+    add_connection_flags(agent, agent=True)
     add_log_flags(agent)
     agent.set_defaults(run=_run_agent)
 
@@ -77,12 +75,18 @@ def _run_agent(args: argparse.Namespace) -> int:
         names.agent_name(args.region, "--region")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    check_address(args.coordinator)
-    token = read_secret(args.token_file)
+    tls = client_tls(args)
+    if args.token_file is None and args.cert_file is None:
+        raise UsageError("--token-file is needed (or --cert-file, whose name stands in for it)")
+    token = read_secret(args.token_file) if args.token_file is not None else None
     configure_logs(args)
     try:
         settings = AgentSettings(
-            coordinator=args.coordinator, name=args.name, region=args.region, token=token
+            coordinator=args.coordinator,
+            name=args.name,
+            region=args.region,
+            token=token,
+            tls=tls,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
