@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -68,15 +69,21 @@ class Observer:
     """Records what coordinator ``address`` says. ``run()`` until cancelled;
     ``new_epoch()`` after the coordinator was restarted."""
 
-    def __init__(self, address: str, every: float = 0.25) -> None:
+    def __init__(self, address: str, ca_file: Path, token: str, every: float = 0.25) -> None:
         self.address = address
         self.every = every
         self.record = Record(epochs=[time.monotonic()])
         self._epoch = 0
         # Reconnect within a fraction of a second: the coordinator starts after the
         # observer and may be restarted by the scenario.
-        self._channel = aio.insecure_channel(
+        # Over TLS (trusting the run's CA), with the runner's query token on every call.
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(ca_file.read_bytes()),
+            grpc.access_token_call_credentials(token),
+        )
+        self._channel = aio.secure_channel(
             address,
+            credentials,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),

@@ -24,9 +24,9 @@ import atexit
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
+import ssl
 import sys
 import time
 import traceback
@@ -38,6 +38,8 @@ from typing import Any
 
 import grpc
 import yaml
+
+from coordinator.tokens import Scope, TokenFile
 
 from . import hoststate, network
 from .commands import CommandFailed, run
@@ -148,6 +150,7 @@ class ScenarioRun:
         self.coordinator: Process | None = None
         self.coordinator_starts = 0
         self.observer: Observer | None = None
+        self._query_token = ""
         self.inodes: set[int] = set()
         self.network_faults: list[NetworkFault] = []
         self.dns_faults: dict[str, dict[str, str]] = {}
@@ -172,7 +175,10 @@ class ScenarioRun:
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._start_network()
-            self.observer = Observer(self.topology.query_address)
+            self._write_tokens()
+            self.observer = Observer(
+                self.topology.query_address, self.certificates.ca_file, self._query_token
+            )
             tasks = [
                 asyncio.create_task(self.observer.run()),
                 asyncio.create_task(self._monitor()),
@@ -204,8 +210,8 @@ class ScenarioRun:
         self.inodes = {
             inode for ns in topology.namespaces if (inode := hoststate.netns_inode(ns)) is not None
         }
-        if any(t.serve.startswith("https") for t in self.scenario.targets.values()):
-            self.certificates.create_ca()
+        # The coordinator serves TLS, as on the internet; https targets share its CA.
+        self.certificates.create_ca()
         for name, target in self.scenario.targets.items():
             process = target_process(
                 target, topology.targets[name], self.dir / f"target-{name}", self.certificates
@@ -261,14 +267,7 @@ class ScenarioRun:
                 check["tls"] = tls
             checks.append(check)
         (self.dir / "checks.yaml").write_text(yaml.safe_dump({"checks": checks}, sort_keys=False))
-        tokens = []
-        for name, _ in self.scenario.agents:
-            token = secrets.token_hex(16)
-            tokens.append({"token": token, "agent": name})
-            token_file = self.dir / f"agent-{name}.token"
-            token_file.write_text(token + "\n")
-            token_file.chmod(0o600)
-        (self.dir / "tokens.yaml").write_text(yaml.safe_dump({"tokens": tokens}))
+        cert, key = self.certificates.coordinator(self.topology.coordinator_hosts)
         config = self.dir / "coordinator.yaml"
         config.write_text(
             "listen: 0.0.0.0:7400\n"
@@ -276,8 +275,23 @@ class ScenarioRun:
             "checks_file: checks.yaml\n"
             "tokens_file: tokens.yaml\n"
             "heartbeat_interval: 1s\n"
+            f"tls: {{cert_file: {cert}, key_file: {key}}}\n"
         )
         return config
+
+    def _write_tokens(self) -> None:
+        """As on the internet: every agent its own token, bound to its name and region and
+        stored hashed; the runner reads with a query token (TLS on both ports, see
+        ``_write_config``)."""
+        tokens = TokenFile(self.dir / "tokens.yaml")
+        for name, region in self.scenario.agents:
+            token, _ = tokens.create(name, Scope.AGENT, region)
+            token_file = self.dir / f"agent-{name}.token"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+        self._query_token, _ = tokens.create("testbed-runner", Scope.QUERY, None)
+        self._query_token_file.write_text(self._query_token + "\n")
+        self._query_token_file.chmod(0o600)
 
     def _agent(self, name: str, region: str) -> Process:
         return Process(
@@ -294,6 +308,8 @@ class ScenarioRun:
                 region,
                 "--token-file",
                 str(self.dir / f"agent-{name}.token"),
+                "--ca-file",
+                str(self.certificates.ca_file),
                 "--log-level",
                 "debug",
                 "--log-format",
@@ -459,13 +475,9 @@ class ScenarioRun:
     async def _judge(self) -> None:
         assert self.observer is not None
         self._check_crashes()
-        final = json.loads(
-            await run(VANTAGE, "status", "--json", "--coordinator", self.topology.query_address)
-        )
+        final = json.loads(await run(VANTAGE, "status", "--json", *self._client_flags))
         (self.dir / "status.json").write_text(json.dumps(final, indent=2))
-        agents = await run(
-            VANTAGE, "agents", "--json", "--coordinator", self.topology.query_address
-        )
+        agents = await run(VANTAGE, "agents", "--json", *self._client_flags)
         (self.dir / "agents.json").write_text(agents)
         metric = await asyncio.to_thread(self._transitions_metric)
         record = self.observer.record
@@ -504,9 +516,29 @@ class ScenarioRun:
         ]
         finding.details.append("faults applied: " + ("; ".join(self.applied) or "none"))
 
+    @property
+    def _query_token_file(self) -> Path:
+        return self.dir / "runner.token"
+
+    @property
+    def _client_flags(self) -> tuple[str, ...]:
+        """How a `vantage` command of the runner's reaches the coordinator."""
+        return (
+            "--coordinator",
+            self.topology.query_address,
+            "--ca-file",
+            str(self.certificates.ca_file),
+            "--token-file",
+            str(self._query_token_file),
+        )
+
     def _transitions_metric(self) -> float | None:
+        request = urllib.request.Request(
+            self.topology.metrics_url, headers={"Authorization": f"Bearer {self._query_token}"}
+        )
+        context = ssl.create_default_context(cafile=self.certificates.ca_file)
         try:
-            with urllib.request.urlopen(self.topology.metrics_url, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:
                 text = response.read().decode()
         except OSError:
             return None

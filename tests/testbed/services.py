@@ -88,6 +88,12 @@ class Certificates:
         issued = self._ca.issue(host, hosts=(host,), lifetime=lifetime, stem=stem)
         return issued.chain, issued.key
 
+    def coordinator(self, hosts: tuple[str, ...]) -> tuple[Path, Path]:
+        """(certificate, key) the coordinator serves TLS with, naming ``hosts``."""
+        assert self._ca is not None, "create_ca() first"
+        issued = self._ca.issue("coordinator", hosts=hosts, stem="coordinator")
+        return issued.chain, issued.key
+
 
 def target_process(
     target: Target, host: Host, directory: Path, certificates: Certificates

@@ -126,8 +126,13 @@ class Topology:
         return f"{self.coordinator_management.ip}:{GRPC_PORT}"
 
     @property
+    def coordinator_hosts(self) -> tuple[str, ...]:
+        """The addresses the coordinator's certificate names: agents' and the runner's."""
+        return (str(self.coordinator.address.ip), str(self.coordinator_management.ip))
+
+    @property
     def metrics_url(self) -> str:
-        return f"http://{self.coordinator_management.ip}:{HTTP_PORT}/metrics"
+        return f"https://{self.coordinator_management.ip}:{HTTP_PORT}/metrics"
 
     def addresses(self, selector: Selector) -> list[str]:
         """The addresses (or networks) a fault selector stands for."""
