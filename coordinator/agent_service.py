@@ -309,7 +309,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         )
         await context.abort(
             error.code,
-            f"agent not admitted: {error.message}",
+            error.message,
             trailing_metadata=((REFUSAL_METADATA, error.reason),),
         )
 
@@ -352,7 +352,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         stream = _AgentStream(self._checks, stream_log, self._limits)
         session = self._auth.open_session(
             principal,
-            lambda why: stream.end(f"agent not admitted: {why}", grpc.StatusCode.UNAUTHENTICATED),
+            lambda why: stream.end(why, grpc.StatusCode.UNAUTHENTICATED),
             capped=False,
         )
         replaced = self._fleet.connect(hello, stream)

@@ -36,12 +36,12 @@ import grpc
 
 from vantage.configfile import is_loopback_host
 from vantage.logs import get_logger
+from vantage.names import token_ok
 
 from .tokens import Scope, TokenEntry, TokenRegistry
 
 log = get_logger("coordinator.auth")
 
-MAX_BEARER = 512
 UNAUTHENTICATED = "unauthenticated"
 PERMISSION_DENIED = "permission_denied"
 TOO_MANY_STREAMS = "too_many_streams"
@@ -93,14 +93,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
             )
         scheme, _, token = value.strip().partition(" ")
         token = token.strip()
-        if (
-            scheme.lower() != "bearer"
-            or not token
-            or len(token) > MAX_BEARER
-            or not token.isascii()
-            or not token.isprintable()
-            or " " in token
-        ):
+        if scheme.lower() != "bearer" or not token_ok(token):
             raise AuthError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 UNAUTHENTICATED,

@@ -44,3 +44,20 @@ def check_name(value: str) -> str:
             f"{value[:_QUOTED]!r} is not a valid check name ({rule(CHECK_NAME_LENGTH)})"
         )
     return value
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+MAX_TOKEN_LENGTH = 512
+TOKEN_RULE = f"printable ASCII without spaces, at most {MAX_TOKEN_LENGTH} characters"
+
+
+def token_ok(token: str) -> bool:
+    """Whether ``token`` can be a bearer token at all (the coordinator's tokens are
+    ``vt1_`` and 32 URL-safe characters; older plaintext ones anything of this shape)."""
+    return (
+        0 < len(token) <= MAX_TOKEN_LENGTH
+        and token.isascii()
+        and token.isprintable()
+        and " " not in token
+    )

@@ -125,13 +125,16 @@ class VethCoordinator(Coordinator):
 
     @classmethod
     def at(cls, started: Coordinator, host: str) -> VethCoordinator:
-        return cls(started.proc, started.grpc_port, started.http_port, started.config, host)
+        # Beyond loopback a client asks for TLS unless told: these coordinators run `tls: off`.
+        return cls(
+            started.proc,
+            started.grpc_port,
+            started.http_port,
+            started.config,
+            client_flags=("--plaintext",),
+            host=host,
+        )
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
-
-    @property
-    def connect(self) -> tuple[str, ...]:
-        # Beyond loopback a client asks for TLS unless told: these coordinators run `tls: off`.
-        return ("--coordinator", self.address, "--plaintext")

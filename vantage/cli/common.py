@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import logs
 from ..configfile import split_host_port
+from ..names import TOKEN_RULE, token_ok
 
 if TYPE_CHECKING:
     from ..tls import ClientTls
@@ -136,11 +137,19 @@ def client_tls(args: argparse.Namespace) -> ClientTls:
 
 
 def client_token(args: argparse.Namespace) -> str | None:
-    """The token of ``--token-file``, else ``$VANTAGE_TOKEN``, else None."""
+    """The token of ``--token-file``, else ``$VANTAGE_TOKEN``, else None; UsageError
+    when it cannot be a token."""
     if args.token_file is not None:
-        return read_secret(args.token_file)
+        return checked_token(read_secret(args.token_file), f"token file {args.token_file}")
     token = os.environ.get("VANTAGE_TOKEN", "").strip()
-    return token or None
+    return checked_token(token, "$VANTAGE_TOKEN") if token else None
+
+
+def checked_token(token: str, where: str) -> str:
+    """``token``, or UsageError naming ``where`` it came from when it cannot be one."""
+    if not token_ok(token):
+        raise UsageError(f"{where}: not a token (a token is {TOKEN_RULE})")
+    return token
 
 
 def add_log_flags(parser: argparse.ArgumentParser) -> None:

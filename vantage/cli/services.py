@@ -13,6 +13,7 @@ from .common import (
     UsageError,
     add_connection_flags,
     add_log_flags,
+    checked_token,
     client_tls,
     configure_logs,
     read_secret,
@@ -78,7 +79,9 @@ def _run_agent(args: argparse.Namespace) -> int:
     tls = client_tls(args)
     if args.token_file is None and args.cert_file is None:
         raise UsageError("--token-file is needed (or --cert-file, whose name stands in for it)")
-    token = read_secret(args.token_file) if args.token_file is not None else None
+    token = None
+    if args.token_file is not None:
+        token = checked_token(read_secret(args.token_file), f"token file {args.token_file}")
     configure_logs(args)
     try:
         settings = AgentSettings(
