@@ -53,6 +53,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from vantage.logs import get_logger
+from vantage.names import shown
 from vantage.public_json import JsonShapeError, message_from_json, message_json
 from vantage_proto.v1 import query_pb2
 
@@ -533,7 +534,7 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         message = (
             exc.reason
             if exc.status in _OWN_REASONS
-            else f"{exc.reason}: {request.method} {request.path}"
+            else f"{exc.reason}: {shown(request.method)} {shown(request.path)}"
         )
         response = web.json_response(error_body(code, message), status=exc.status)
         if exc.status == 405:

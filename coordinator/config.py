@@ -20,7 +20,7 @@ A configuration file is YAML; every key is optional::
     on_demand:                      # CheckNow / `vantage check` (coordinator.ondemand)
       guard: true                   # refuse private, loopback, metadata... addresses
       allow: [198.51.100.0/24]      # CIDRs the guard lets through
-      rate: 10/min                  # per client address, with a burst of
+      rate: 10/min                  # per caller (its token; its address when open), burst
       burst: 5
       max_in_flight: 16             # on-demand checks at once, whoever asks
       max_timeout: 30s              # the longest probe timeout a client may ask for

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from vantage.client import REFUSAL_METADATA
 from vantage.logs import get_logger
+from vantage.names import shown
 from vantage_proto.v1 import agent_pb2, query_pb2
 
 from .auth import (
@@ -44,7 +45,7 @@ from .auth import (
     certificate_names,
     peer_host,
 )
-from .limits import Oversize, sized, too_large
+from .limits import Unreadable, sized
 from .metrics import CoordinatorMetrics
 from .tokens import Scope
 
@@ -62,10 +63,12 @@ def needed_scope(rpc: str) -> Scope:
     return Scope.CHECKNOW if rpc == CHECK_NOW else Scope.QUERY
 
 
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
+class _Refused(Exception):
+    """Raised inside a streaming call by the message iterator at an ``Unreadable``."""
+
+    def __init__(self, unreadable: Unreadable) -> None:
+        super().__init__(unreadable.message)
+        self.unreadable = unreadable
 
 
 if TYPE_CHECKING:
@@ -97,7 +100,9 @@ class GrpcGate(_Interceptor):
         service, _, rpc = handler_call_details.method.lstrip("/").rpartition("/")
         endpoint = "agent" if service == AGENT_SERVICE else "query"
         needed = needed_scope(rpc) if service == QUERY_SERVICE else None
-        deserializer = sized(handler.request_deserializer or _identity, self._limit)
+        parse = handler.request_deserializer or _identity
+        kind = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        deserializer = sized(parse, self._limit, kind.full_name if kind else f"{rpc} request")
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -127,8 +132,8 @@ class GrpcGate(_Interceptor):
         self, request: Any, context: Any, endpoint: str, needed: Scope | None, rpc: str
     ) -> Principal | None:
         """Abort the call unless its request fits and its caller may call ``rpc``."""
-        if isinstance(request, Oversize):
-            await self._too_large(context, endpoint, request.size)
+        if isinstance(request, Unreadable):
+            await self._unreadable(context, endpoint, request)
         if needed is None:
             return None
         try:
@@ -207,44 +212,42 @@ class GrpcGate(_Interceptor):
     def _streaming(self, inner: Any, endpoint: str) -> Any:
         async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for message in requests:
-                if isinstance(message, Oversize):
-                    raise _TooLarge(message.size)
+                if isinstance(message, Unreadable):
+                    raise _Refused(message)
                 yield message
 
         if inspect.isasyncgenfunction(inner):
 
             async def generator(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-                size: int | None = None
+                refused: Unreadable | None = None
                 try:
                     async for item in inner(checked(requests), context):
                         yield item
-                except* _TooLarge as group:
-                    size = _leaf(group).size
-                if size is not None:
-                    await self._too_large(context, endpoint, size)
+                except* _Refused as group:
+                    refused = _leaf(group).unreadable
+                if refused is not None:
+                    await self._unreadable(context, endpoint, refused)
 
             return generator
 
         async def coroutine(requests: AsyncIterator[Any], context: Any) -> Any:
-            size: int | None = None
+            refused: Unreadable | None = None
             result: Any = None
             try:
                 result = await inner(checked(requests), context)
-            except* _TooLarge as group:
-                size = _leaf(group).size
-            if size is not None:
-                await self._too_large(context, endpoint, size)
+            except* _Refused as group:
+                refused = _leaf(group).unreadable
+            if refused is not None:
+                await self._unreadable(context, endpoint, refused)
             return result
 
         return coroutine
 
-    async def _too_large(self, context: Any, endpoint: str, size: int) -> None:
-        self._metrics.refused(endpoint, "too_large")
-        log.warning("message too large", peer=context.peer(), size=size, limit=self._limit)
+    async def _unreadable(self, context: Any, endpoint: str, refused: Unreadable) -> None:
+        self._metrics.refused(endpoint, refused.reason)
+        log.warning("message refused", peer=context.peer(), why=refused.message)
         await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            too_large(size, self._limit),
-            trailing_metadata=((REFUSAL_METADATA, "too_large"),),
+            refused.code, refused.message, trailing_metadata=((REFUSAL_METADATA, refused.reason),)
         )
 
     async def _refuse(self, context: Any, endpoint: str, error: AuthError, rpc: str) -> None:
@@ -261,32 +264,38 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _leaf(group: BaseExceptionGroup[_TooLarge]) -> _TooLarge:
+def _leaf(group: BaseExceptionGroup[_Refused]) -> _Refused:
     first: BaseException = group
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
-    assert isinstance(first, _TooLarge)
+    assert isinstance(first, _Refused)
     return first
 
 
 async def _until(items: AsyncIterator[Any], ended: asyncio.Event) -> AsyncIterator[Any]:
-    """``items`` until they end or ``ended`` is set."""
+    """``items`` until they end or ``ended`` is set. However it ends (also when the call
+    is cancelled under it), the step in flight is finished before ``items`` is closed:
+    closing a generator that is still running raises."""
     stop = asyncio.ensure_future(ended.wait())
+    step: asyncio.Future[Any] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(items))
             await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
                 return
             try:
-                yield step.result()
+                item = step.result()
             except StopAsyncIteration:
                 return
+            step = None
+            yield item
     finally:
         stop.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -335,7 +344,7 @@ def http_gate(authenticator: Authenticator, metrics: CoordinatorMetrics) -> Any:
                 (),
                 client,
                 needed,
-                f"{request.method} {request.path}",
+                f"{shown(request.method)} {shown(request.path)}",
             )
         except AuthError as exc:
             metrics.refused("http", exc.reason)

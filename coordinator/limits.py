@@ -24,7 +24,8 @@ What happens over a limit, always with a clear status and a count in
 
 - an oversized gRPC message: RESOURCE_EXHAUSTED (``too_large``); the message is read up
   to ``max_message_bytes`` plus ``GRPC_SLACK`` (gRPC's own limit, past which gRPC refuses
-  it by itself, uncounted) and never parsed;
+  it by itself, uncounted) and never parsed; one that does not parse: INVALID_ARGUMENT
+  (``malformed``);
 - an oversized HTTP body: 413 (``too_large``); a slow one: 408 (``timeout``);
 - an agent above its message or result rate is *paced*, not cut off: the coordinator
   reads its next message only when the bucket allows (HTTP/2 flow control holds the
@@ -44,6 +45,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import grpc
+from google.protobuf.message import DecodeError
 from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, field_validator
 
 from vantage.checks import Seconds
@@ -220,23 +223,35 @@ class RateLimiter:
         return bucket.try_take()
 
 
-class Oversize:
-    """What a request deserializer yields instead of a message over the size limit:
-    the caller is refused (RESOURCE_EXHAUSTED) without the message being parsed."""
+class Unreadable:
+    """What a request deserializer yields instead of a message it will not hand on: over
+    the size limit (``too_large``, never parsed) or not a valid message of its type
+    (``malformed``). The caller is refused with ``code`` and ``message``."""
 
-    __slots__ = ("size",)
+    __slots__ = ("message", "reason")
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        self.message = message
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        if self.reason == "too_large":
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+        return grpc.StatusCode.INVALID_ARGUMENT
 
 
-def sized(parse: Callable[[bytes], Any], limit: int) -> Callable[[bytes], Any]:
-    """A gRPC request deserializer: ``parse(data)``, or ``Oversize`` past ``limit``."""
+def sized(parse: Callable[[bytes], Any], limit: int, kind: str) -> Callable[[bytes], Any]:
+    """A gRPC request deserializer: ``parse(data)``, or ``Unreadable`` past ``limit`` or
+    when ``data`` is not a ``kind`` message."""
 
     def deserialize(data: bytes) -> Any:
         if len(data) > limit:
-            return Oversize(len(data))
-        return parse(data)
+            return Unreadable("too_large", too_large(len(data), limit))
+        try:
+            return parse(data)
+        except DecodeError:
+            return Unreadable("malformed", f"malformed message: not a valid {kind}")
 
     return deserialize
 

@@ -61,7 +61,7 @@ The coordinator's own health, counted as things happen:
 - ``vantage_requests_refused_total{endpoint,reason}``: calls, streams, messages and
   connections refused or held back, by where they came (``agent`` streams, the gRPC
   ``query`` service, the ``http`` port) and why (``REFUSALS``: ``unauthenticated``,
-  ``permission_denied``, ``too_large``, ``too_many_streams``, ``rate_limited``,
+  ``permission_denied``, ``too_large``, ``malformed``, ``too_many_streams``, ``rate_limited``,
   ``throttled`` (an agent paced to its rate), ``too_many_connections``, ``timeout``).
 - ``vantage_tokens_reloads_total{result}``: tokens file reloads: ``applied``,
   ``failed``.
@@ -115,9 +115,10 @@ DROP_REASONS = ("unassigned", "duplicate", "invalid")
 RELOAD_RESULTS = ("applied", "unchanged", "failed")
 # Where each refusal can happen: every pair is exposed from the start (0 until it does).
 REFUSALS = {
-    "agent": ("unauthenticated", "permission_denied", "too_large", "throttled"),
+    "agent": ("unauthenticated", "permission_denied", "too_large", "malformed", "throttled"),
     "query": (
-        "unauthenticated", "permission_denied", "too_large", "too_many_streams", "rate_limited",
+        "unauthenticated", "permission_denied", "too_large", "malformed", "too_many_streams",
+        "rate_limited",
     ),
     "http": (
         "unauthenticated", "permission_denied", "too_large", "too_many_streams", "rate_limited",

@@ -46,6 +46,14 @@ def check_name(value: str) -> str:
     return value
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """Text from outside (a request path, a header), safe to echo in a one-line message:
+    unprintable characters (newlines, controls) escaped, anything past ``limit`` cut."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # -- tokens ---------------------------------------------------------------------------
 
 MAX_TOKEN_LENGTH = 512
