@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test scenario lint native proto proto-check lock system-deps bench bench-deps bench-verdict clean help
+.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-verdict clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -45,8 +45,9 @@ build/native.stamp: $(VENV)/.installed $(NATIVE) vantage/native.py
 	@touch $@
 
 # Debian packages the tests use: promtool (prometheus); the multi-region test bed's
-# targets, resolvers, faults and network (nginx, dnsmasq, nftables, iproute2).
-SYSTEM_TOOLS := promtool:prometheus mosquitto:mosquitto nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2
+# targets, resolvers, faults and network (nginx, dnsmasq, nftables, iproute2); curl for
+# the JSON API over TLS as operators call it.
+SYSTEM_TOOLS := promtool:prometheus mosquitto:mosquitto nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2 curl:curl
 system-deps:  ## install the Debian packages the tests need
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || echo $${pair#*:}; done); \
@@ -77,8 +78,15 @@ bench-verdict: $(VENV)/.installed  ## verdict engine scores from the seeded simu
 run: build/native.stamp  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh
 
+# Inputs per fuzz target (tests/fuzz/): `make test` spends about a minute on them,
+# `make fuzz` searches much longer (FUZZ_EXAMPLES=... to choose).
+TEST_FUZZ_EXAMPLES ?= 1500
+FUZZ_EXAMPLES ?= 20000
 test: build/native.stamp system-deps  ## install what the tests need and run them all
-	$(BIN)/pytest
+	FUZZ_EXAMPLES=$(TEST_FUZZ_EXAMPLES) $(BIN)/pytest
+
+fuzz: build/native.stamp  ## a long fuzz run over the coordinator's message handling
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz -o timeout=0 --hypothesis-show-statistics
 
 # Outage scenarios on the multi-region test bed (tests/testbed/; needs root), e.g.
 # make scenario S="../shared/scenarios/03-regional-blackhole.yaml tests/scenarios/*.yaml"

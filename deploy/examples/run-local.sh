@@ -18,7 +18,7 @@ for _ in $(seq 50); do
 done
 for region in eu us ap; do
   "$vantage" agent --coordinator 127.0.0.1:7400 --name "$region-1" --region "$region" \
-    --token-file "$here/agent.token" --log-format console --log-level warning &
+    --token-file "$here/tokens/$region-1.token" --log-format console --log-level warning &
   pids+=($!)
 done
 
