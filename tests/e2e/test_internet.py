@@ -24,7 +24,9 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 from pki import Issued, TestCA
+from prometheus_server import prometheus
 from running_system import VANTAGE, Coordinator, Proc, System, free_port, grpcurl, wait_until
 
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.e2e
 
 SERVICE = "vantage.v1.QueryService"
 REFUSED = "vantage_requests_refused_total"
+PROMETHEUS_YML = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "prometheus.yml"
 
 
 @dataclass
@@ -84,6 +87,26 @@ class Site:
             ca_file=self.ca.cert_file,
             token=reader.read_text().strip(),
         )
+
+    def serving(self, reader: str, limits: str = "") -> tuple[Coordinator, dict[str, Proc]]:
+        """A coordinator judging ``web_checks`` (with ``limits``, a config line), a token
+        for ``reader`` (scope query), and agents eu-1 and us-1 connected with their own
+        tokens, the verdicts settled."""
+        port = free_port()
+        self.system.http_server(port)
+        config = self.config(web_checks(port))
+        config.write_text(config.read_text() + limits)
+        # Every token before the coordinator starts: one made later counts only once the
+        # coordinator has noticed the file change, and an agent refused gives up.
+        regions = {"eu-1": "eu", "us-1": "us"}
+        tokens = {name: self.token(name, region=region) for name, region in regions.items()}
+        coordinator = self.start(config, self.token(reader, "query"))
+        started = {
+            name: self.agent(coordinator, name, region, "--token-file", str(tokens[name]))
+            for name, region in regions.items()
+        }
+        settled(coordinator, set(started))
+        return coordinator, started
 
     def agent(self, coordinator: Coordinator, name: str, region: str, *flags: str) -> Proc:
         """`vantage agent` over TLS; ``flags`` say how it proves who it is."""
@@ -154,11 +177,19 @@ def agents(coordinator: Coordinator) -> dict[str, dict[str, Any]]:
 def settled(coordinator: Coordinator, names: set[str]) -> None:
     """Wait for ``names`` to be connected and both checks to have their verdicts."""
 
-    def done() -> bool:
-        connected = {name for name, agent in agents(coordinator).items() if agent["connected"]}
-        return connected == names and states(coordinator) == {"web": "up", "closed-port": "global"}
+    seen: dict[str, Any] = {}
 
-    wait_until(done, 30, f"{sorted(names)} to connect and the verdicts to settle")
+    def done() -> bool:
+        seen["connected"] = {
+            name for name, agent in agents(coordinator).items() if agent["connected"]
+        }
+        seen["states"] = states(coordinator)
+        return seen == {"connected": names, "states": {"web": "up", "closed-port": "global"}}
+
+    try:
+        wait_until(done, 30, f"{sorted(names)} to connect and the verdicts to settle")
+    except pytest.fail.Exception:
+        pytest.fail(f"{sorted(names)} did not connect and settle within 30s; last seen: {seen}")
 
 
 def history(coordinator: Coordinator) -> dict[str, Any]:
@@ -189,14 +220,7 @@ def exited(proc: Proc, within: float = 20) -> str:
 
 
 def test_agents_and_every_client_over_tls_with_the_test_ca(site: Site) -> None:
-    port = free_port()
-    site.system.http_server(port)
-    eu, us = site.token("eu-1", region="eu"), site.token("us-1", region="us")
-    reader = site.token("grafana", "query")
-    coordinator = site.start(site.config(web_checks(port)), reader)
-    site.agent(coordinator, "eu-1", "eu", "--token-file", str(eu))
-    site.agent(coordinator, "us-1", "us", "--token-file", str(us))
-    settled(coordinator, {"eu-1", "us-1"})
+    coordinator, _ = site.serving("grafana")
     bearer = f"Bearer {coordinator.token}"
 
     # grpcurl, verifying the server against the test CA, with the query token.
@@ -244,6 +268,47 @@ def test_agents_and_every_client_over_tls_with_the_test_ca(site: Site) -> None:
     assert curl(f"http://127.0.0.1:{coordinator.http_port}/healthz").returncode != 0
     assert coordinator.proc.popen.poll() is None
     assert states(coordinator) == {"web": "up", "closed-port": "global"}
+
+
+def shipped_scrape_job(target: str, ca_file: Path, token_file: Path) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml's vantage job with its commented internet block
+    (https, the CA, the token file) switched on, as the README tells operators to."""
+    lines = PROMETHEUS_YML.read_text().splitlines()
+    start = lines.index("    # scheme: https")
+    switched = [line.replace("    # ", "    ", 1) for line in lines[start:]]
+    config = yaml.safe_load("\n".join(lines[:start] + switched))
+    (job,) = config["scrape_configs"]
+    assert job["scheme"] == "https"
+    job["static_configs"] = [{"targets": [target]}]
+    job["tls_config"]["ca_file"] = str(ca_file)
+    job["authorization"]["credentials_file"] = str(token_file)
+    job["scrape_interval"] = job["scrape_timeout"] = "1s"
+    return job
+
+
+def test_prometheus_scrapes_over_tls_with_a_query_token(site: Site) -> None:
+    coordinator, _ = site.serving("prometheus")
+    scraper = site.system.dir / "prometheus.token"
+
+    target = f"127.0.0.1:{coordinator.http_port}"
+    job = shipped_scrape_job(target, site.ca.cert_file, scraper)
+    tokenless = {**job, "job_name": "tokenless"}
+    del tokenless["authorization"]
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [job, tokenless]}
+    with prometheus(site.system, config) as server:
+
+        def scraped() -> bool:
+            return {t["labels"]["job"]: t["health"] for t in server.targets()} == {
+                "vantage": "up",
+                "tokenless": "down",
+            } and bool(server.query('vantage_check_verdict{job="vantage",check="web"}'))
+
+        wait_until(scraped, 30, "Prometheus to scrape the coordinator over TLS")
+        (web,) = server.query('vantage_check_verdict{job="vantage",check="web",state="up"}')
+        assert web["value"][1] == "1"
+        (refused,) = [t for t in server.targets() if t["labels"]["job"] == "tokenless"]
+        assert "401" in refused["lastError"], refused
+    assert coordinator.metric(REFUSED, endpoint="http", reason="unauthenticated") > 0
 
 
 def test_agents_over_mutual_tls_their_certificates_standing_for_tokens(site: Site) -> None:
@@ -315,15 +380,9 @@ def test_agents_over_mutual_tls_their_certificates_standing_for_tokens(site: Sit
 
 
 def test_refused_tokens_are_one_line_counted_and_change_nothing(site: Site) -> None:
-    port = free_port()
-    site.system.http_server(port)
-    eu, us = site.token("eu-1", region="eu"), site.token("us-1", region="us")
-    reader = site.token("grafana", "query")
-    coordinator = site.start(site.config(web_checks(port)), reader)
-    site.agent(coordinator, "eu-1", "eu", "--token-file", str(eu))
-    site.agent(coordinator, "us-1", "us", "--token-file", str(us))
-    settled(coordinator, {"eu-1", "us-1"})
+    coordinator, _ = site.serving("grafana")
     fleet, before = agents(coordinator), history(coordinator)
+    eu = site.system.dir / "eu-1.token"
 
     wrong = site.system.dir / "wrong.token"
     wrong.write_text("vt1_" + secrets.token_urlsafe(24) + "\n")
@@ -344,7 +403,7 @@ def test_refused_tokens_are_one_line_counted_and_change_nothing(site: Site) -> N
     assert coordinator.metric(REFUSED, endpoint="agent", reason="permission_denied") == 2
 
     # Queries: a malformed token, an agent's token, a query token asking for CheckNow.
-    target = f"http://127.0.0.1:{port}/"
+    target = "http://127.0.0.1/"  # refused before anything is probed
     env = {"VANTAGE_TOKEN": "not a token \x7f"}
     malformed = run_vantage(
         "status", "--coordinator", coordinator.address, "--ca-file", str(site.ca.cert_file), env=env
@@ -416,14 +475,8 @@ def test_refused_tokens_are_one_line_counted_and_change_nothing(site: Site) -> N
 
 
 def test_revoking_an_agents_token_ends_its_live_stream(site: Site) -> None:
-    port = free_port()
-    site.system.http_server(port)
-    eu, us = site.token("eu-1", region="eu"), site.token("us-1", region="us")
-    reader = site.token("grafana", "query")
-    coordinator = site.start(site.config(web_checks(port)), reader)
-    eu_agent = site.agent(coordinator, "eu-1", "eu", "--token-file", str(eu))
-    site.agent(coordinator, "us-1", "us", "--token-file", str(us))
-    settled(coordinator, {"eu-1", "us-1"})
+    coordinator, started = site.serving("grafana")
+    eu_agent = started["eu-1"]
 
     revoked = run_vantage("token", "revoke", "eu-1", "--tokens-file", str(site.tokens_file))
     assert revoked.returncode == 0, revoked
@@ -500,21 +553,12 @@ def _closed_by_server(sock: socket.socket | ssl.SSLSocket, within: float = 30) -
 
 
 def test_garbage_half_open_handshakes_oversize_and_slow_loris_on_both_ports(site: Site) -> None:
-    port = free_port()
-    site.system.http_server(port)
-    eu, us = site.token("eu-1", region="eu"), site.token("us-1", region="us")
-    reader = site.token("grafana", "query")
     runner = site.token("runner", "checknow").read_text().strip()
     limits = (
         "limits: {handshake_timeout: 2s, http_idle_timeout: 2s, max_body_bytes: 4KiB, "
         "max_message_bytes: 64KiB}\n"
     )
-    config = site.config(web_checks(port))
-    config.write_text(config.read_text() + limits)
-    coordinator = site.start(config, reader)
-    site.agent(coordinator, "eu-1", "eu", "--token-file", str(eu))
-    site.agent(coordinator, "us-1", "us", "--token-file", str(us))
-    settled(coordinator, {"eu-1", "us-1"})
+    coordinator, _ = site.serving("grafana", limits)
     ports = {"grpc": coordinator.grpc_port, "http": coordinator.http_port}
     context = ssl.create_default_context(cafile=site.ca.cert_file)
 
@@ -612,19 +656,9 @@ def _flood(address: str, ca: Path, token: str, stop: threading.Event, sent: list
 
 
 def test_a_flooding_agent_is_paced_while_two_others_stay_correct(site: Site) -> None:
-    port = free_port()
-    site.system.http_server(port)
-    eu, us = site.token("eu-1", region="eu"), site.token("us-1", region="us")
     ap = site.token("ap-1", region="ap")
-    reader = site.token("grafana", "query")
-    config = site.config(web_checks(port))
-    config.write_text(
-        config.read_text() + "limits: {agent_result_rate: 50/s, agent_result_burst: 100}\n"
-    )
-    coordinator = site.start(config, reader)
-    site.agent(coordinator, "eu-1", "eu", "--token-file", str(eu))
-    site.agent(coordinator, "us-1", "us", "--token-file", str(us))
-    settled(coordinator, {"eu-1", "us-1"})
+    limits = "limits: {agent_result_rate: 50/s, agent_result_burst: 100}\n"
+    coordinator, _ = site.serving("grafana", limits)
 
     stop, sent = threading.Event(), [0]
     flood = threading.Thread(

@@ -10,19 +10,13 @@ queries then run on the same Prometheus.
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
-import tempfile
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from grafana_dashboard import dashboard, queries, substituted
+from prometheus_server import Prometheus, answers, binary, prometheus
 from running_system import Coordinator, Proc, System, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -30,13 +24,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 REGIONS = ("ap", "eu", "us")
-
-
-def binary(name: str, package: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    pytest.fail(f"{name} is missing: `make test` installs the Debian package {package}")
 
 
 def start_nginx(system: System, port: int) -> Proc:
@@ -69,16 +56,8 @@ http {{
     proc = system.spawn(
         "nginx", nginx, "-e", str(directory / "error.log"), "-p", str(directory), "-c", str(conf)
     )
-    wait_until(lambda: _answers(f"http://127.0.0.1:{port}/"), 10, "nginx to answer")
+    wait_until(lambda: answers(f"http://127.0.0.1:{port}/"), 10, "nginx to answer")
     return proc
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def assert_promtool_clean(metrics: str) -> None:
@@ -92,31 +71,6 @@ def assert_promtool_clean(metrics: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
-
-
-@dataclass
-class Prometheus:
-    url: str
-    proc: Proc
-
-    def api(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as response:
-            body = json.loads(response.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def alerts(self, name: str, state: str = "firing") -> list[dict[str, Any]]:
-        return [
-            alert
-            for alert in self.api("alerts")["alerts"]
-            if alert["labels"]["alertname"] == name and alert["state"] == state
-        ]
 
 
 @pytest.fixture(scope="module")
@@ -136,37 +90,23 @@ def stack(module_system: System) -> Iterator[tuple[Coordinator, Proc, Prometheus
     for region in REGIONS:
         system.agent(coordinator, f"{region}-1", region)
 
-    storage = Path(tempfile.mkdtemp(prefix="vantage-e2e-prometheus-"))
+    # The test's own scrape config (short intervals); the rules file is the shipped one.
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {
+                "job_name": "vantage",
+                "static_configs": [{"targets": [f"127.0.0.1:{coordinator.http_port}"]}],
+            }
+        ],
+    }
     try:
-        port = free_port()
-        # The test's own scrape config (short intervals); the rules file is the shipped one.
-        (storage / "prometheus.yml").write_text(
-            "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-            f"rule_files: [{json.dumps(str(RULES))}]\n"
-            "scrape_configs:\n"
-            "  - job_name: vantage\n"
-            f"    static_configs: [{{targets: ['127.0.0.1:{coordinator.http_port}']}}]\n"
-        )
-        proc = system.spawn(
-            "prometheus",
-            binary("prometheus", "prometheus"),
-            f"--config.file={storage / 'prometheus.yml'}",
-            f"--storage.tsdb.path={storage / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        )
-        prometheus = Prometheus(f"http://127.0.0.1:{port}", proc)
-
-        def ready() -> bool:
-            if proc.popen.poll() is not None:
-                pytest.fail(f"prometheus exited {proc.popen.returncode}: {proc.stderr()[-2000:]}")
-            return _answers(f"{prometheus.url}/-/ready")
-
-        wait_until(ready, 30, "Prometheus to be ready")
-        yield coordinator, nginx, prometheus
+        with prometheus(system, config) as server:
+            yield coordinator, nginx, server
     finally:
         for process in reversed(system.procs):
             process.stop()
-        shutil.rmtree(storage, ignore_errors=True)
 
 
 def test_a_global_outage_fires_the_global_alert(
