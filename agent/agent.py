@@ -1,5 +1,5 @@
 """The agent process: a scheduler running the assigned checks and a link to the
-coordinator, wired together by a bounded outbox.
+coordinator, wired together by one bounded result store.
 
 Entry point (what ``vantage agent`` does)::
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from vantage import names, native
 from vantage.checks import split_host_port
 from vantage.logs import get_logger
-from vantage.results import ProbeResult
 from vantage.tls import ClientTls
 
+from .buffer import ResultBuffer
 from .errors import FatalError, most_severe
 from .link import CoordinatorLink
 from .probes import PROBES, ProbeFn
@@ -57,9 +57,8 @@ class AgentSettings:
     token: str | None = field(repr=False)
     # How to dial the coordinator; None: TLS unless it is on a loopback address.
     tls: ClientTls | None = None
-    # Results between scheduler and link; beyond this the newest are dropped and counted.
-    outbox_size: int = 10_000
-    # Results sent but not yet acknowledged; beyond this the oldest are dropped.
+    # Results not yet acknowledged by the coordinator, sent or not; beyond this the
+    # oldest are dropped and counted.
     buffer_size: int = 100_000
     # Results per ResultBatch at most. A stream write costs a roughly fixed wall time that
     # grows with the event loop's load (grpc.aio completes it through its poller thread):
@@ -92,7 +91,6 @@ class AgentSettings:
         if self.token is None and (self.tls is None or self.tls.cert_file is None):
             raise ValueError("an agent needs a token or a client certificate")
         for label, number in (
-            ("outbox_size", self.outbox_size),
             ("buffer_size", self.buffer_size),
             ("batch_size", self.batch_size),
             ("batch_interval", self.batch_interval),
@@ -117,9 +115,9 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, *, probes: Mapping[str, ProbeFn] = PROBES) -> None:
         self.settings = settings
-        self.outbox: asyncio.Queue[ProbeResult] = asyncio.Queue(maxsize=settings.outbox_size)
+        self.results = ResultBuffer(settings.buffer_size)
         self.scheduler = Scheduler(
-            self.outbox,
+            self.results,
             agent=settings.name,
             region=settings.region,
             probes=probes,
@@ -131,12 +129,11 @@ class Agent:
             name=settings.name,
             region=settings.region,
             token=settings.token,
-            outbox=self.outbox,
+            results=self.results,
             apply=self.scheduler.apply,
             run_now=self.scheduler.run_now,
             capabilities=tuple(probes),
             probes=probes,
-            buffer_size=settings.buffer_size,
             batch_size=settings.batch_size,
             batch_interval=settings.batch_interval,
             heartbeat_interval=settings.heartbeat_interval,

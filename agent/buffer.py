@@ -1,12 +1,13 @@
-"""Results on their way to the coordinator: sent or not, but not yet acknowledged.
+"""The agent's one store of results on their way to the coordinator.
 
-The link keeps every result here from the moment it leaves the scheduler's outbox until
-the coordinator acknowledges it (``ResultAck`` or ``Welcome.last_seq``), so that results
-sent on a stream that then broke are sent again, in order, on the next one. Memory is
-bounded: when full, the oldest result is dropped and counted.
+The scheduler adds every result here as it finishes (``add``, numbered by ``next_seq``);
+the link reads them (``take_unsent``) and they stay until the coordinator acknowledges
+them (``ResultAck`` or ``Welcome.last_seq``), so that results sent on a stream that then
+broke are sent again, in order, on the next one. Connected or not, there is one bound and
+one drop policy: when full, the oldest result is dropped and counted (``dropped``); new
+results always get in, since they are what the live verdict needs.
 
-This is the seam for the disk spool of a later issue: a spool offers the same methods
-and keeps the unacknowledged tail on disk instead of in memory.
+A disk spool offers the same methods and keeps the unacknowledged tail on disk.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from vantage.results import ProbeResult
 
 class ResultBuffer:
     """Unacknowledged results in sequence order, split into in-flight (sent on the
-    current stream) and unsent. Results must be added in increasing ``seq`` order.
+    current stream) and unsent. ``next_seq`` is the number the next result must carry.
 
     Single consumer: one sender at a time may wait in ``wait_unsent``.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, next_seq: int = 1) -> None:
         if capacity < 1:
             raise ValueError("a result buffer holds at least one result")
         self._capacity = capacity
+        self.next_seq = next_seq
         self._in_flight: deque[ProbeResult] = deque()
         self._unsent: deque[ProbeResult] = deque()
         self._grew = asyncio.Event()
@@ -47,7 +49,11 @@ class ResultBuffer:
         return len(self._unsent)
 
     def add(self, result: ProbeResult) -> bool:
-        """Append a result; False when the oldest result had to be dropped for it."""
+        """Append a result numbered ``next_seq``; False when the oldest result had to be
+        dropped for it."""
+        if result.seq != self.next_seq:
+            raise ValueError(f"result numbered {result.seq}, expected {self.next_seq}")
+        self.next_seq += 1
         kept_all = True
         if len(self) >= self._capacity:
             (self._in_flight or self._unsent).popleft()

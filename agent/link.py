@@ -19,8 +19,8 @@ agent for good (``FatalError``). Each stream goes:
    coordinator acknowledges every batch and answers every heartbeat: one left unanswered
    for ``reply_timeout`` means the coordinator went silent, and the stream is abandoned.
 
-Results leave the scheduler's outbox into a bounded ``ResultBuffer`` at all times, also
-while disconnected, and stay there until acknowledged.
+Results are read from the agent's result store (``agent.buffer.ResultBuffer``, which the
+scheduler fills, connected or not) and stay there until acknowledged.
 
 Errors (see ``agent.errors``)::
 
@@ -53,7 +53,6 @@ import vantage
 from vantage.client import unreachable_reason
 from vantage.durations import format_duration
 from vantage.logs import get_logger
-from vantage.results import ProbeResult
 from vantage.tls import ClientTls, TlsError
 from vantage.wire import WireError, check_from_pb, results_to_pb
 from vantage_proto.v1 import agent_pb2
@@ -92,9 +91,8 @@ MAX_RECEIVE = 64 << 20
 class CoordinatorLink:
     """Keeps one stream to the coordinator open and moves results and assignments.
 
-    ``dropped`` counts results lost because the buffer of unacknowledged results was
-    full (oldest first). ``instance_id`` identifies this agent process to the
-    coordinator; sequence numbers are per instance.
+    ``results`` is the store the scheduler fills. ``instance_id`` identifies this agent
+    process to the coordinator; sequence numbers are per instance.
     """
 
     def __init__(
@@ -104,13 +102,12 @@ class CoordinatorLink:
         name: str,
         region: str,
         token: str | None,
-        outbox: asyncio.Queue[ProbeResult],
+        results: ResultBuffer,
         apply: ApplyAssignments,
         run_now: RunNow,
         instance_id: str | None = None,
         capabilities: Sequence[str] = tuple(PROBES),
         probes: Mapping[str, ProbeFn] | None = None,
-        buffer_size: int = 100_000,
         batch_size: int = 500,
         batch_interval: float = 0.2,
         heartbeat_interval: float = 10.0,
@@ -125,7 +122,6 @@ class CoordinatorLink:
         self._target = coordinator
         self._tls = tls if tls is not None else ClientTls.choose(coordinator)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._outbox = outbox
         self._apply = apply
         self._run_now = run_now
         # Names assigned on the current stream: bounds what a Recheck may name.
@@ -138,7 +134,7 @@ class CoordinatorLink:
             capabilities=sorted(capabilities),
             instance_id=self.instance_id,
         )
-        self._buffer = ResultBuffer(buffer_size)
+        self._buffer = results
         self._batch_size = batch_size
         self._batch_interval = batch_interval
         self._default_heartbeat = heartbeat_interval
@@ -155,18 +151,12 @@ class CoordinatorLink:
         self._welcomed_at: float | None = None  # loop time of the current stream's Welcome
         self._last_sent = 0.0
         self._awaiting_since: float | None = None  # a batch or heartbeat is unanswered
-        self._dropping = False
         # On-demand checks run with ``probes`` (default: this build's probes of the
         # announced capabilities); writes to a stream are serialised by ``_write_lock``.
         if probes is None:
             probes = {kind: PROBES[kind] for kind in capabilities if kind in PROBES}
         self._on_demand = OnDemandProbes(probes, agent=name, region=region)
         self._write_lock = asyncio.Lock()
-
-    @property
-    def dropped(self) -> int:
-        """Results dropped, oldest first, because too many were unacknowledged."""
-        return self._buffer.dropped
 
     @property
     def unacknowledged(self) -> int:
@@ -176,12 +166,7 @@ class CoordinatorLink:
     async def run(self) -> None:
         """Stay connected until cancelled; FatalError when the coordinator refuses the
         agent (already logged as an error)."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._pump(), name="link pump")
-                group.create_task(self._reconnect_forever(), name="link")
-        except BaseExceptionGroup as group:
-            raise most_severe(group) from None
+        await self._reconnect_forever()
 
     async def _reconnect_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -385,26 +370,6 @@ class CoordinatorLink:
                 raise TransientError(
                     f"coordinator went silent: no reply for {format_duration(self._reply_timeout)}"
                 )
-
-    async def _pump(self) -> None:
-        """Move results from the outbox into the buffer, connected or not."""
-        while True:
-            result = await self._outbox.get()
-            self._keep(result)
-            while not self._outbox.empty():
-                self._keep(self._outbox.get_nowait())
-
-    def _keep(self, result: ProbeResult) -> None:
-        if self._buffer.add(result):
-            if self._dropping:
-                self._dropping = False
-                self._log.info("result buffer has room again", dropped_total=self.dropped)
-        elif not self._dropping:
-            self._dropping = True
-            self._log.warning(
-                "too many unacknowledged results: dropping the oldest",
-                dropped_total=self.dropped,
-            )
 
     async def _read(self, call: _Call) -> agent_pb2.CoordinatorMessage:
         try:

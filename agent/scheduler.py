@@ -1,8 +1,8 @@
-"""The scheduler: runs every assigned check on its interval and queues the results.
+"""The scheduler: runs every assigned check on its interval and stores the results.
 
-Lifecycle: build a ``Scheduler`` around the outbox (the bounded queue the coordinator link
-drains), ``apply`` assignments at any time, and run ``await scheduler.run()`` in the
-agent's task group; cancelling it stops every check:
+Lifecycle: build a ``Scheduler`` around the agent's result store (``agent.buffer``, which
+the coordinator link reads), ``apply`` assignments at any time, and run
+``await scheduler.run()`` in the agent's task group; cancelling it stops every check:
 
 - The first run is jittered uniformly within one interval, so that a thousand checks
   assigned at once do not fire on the same tick; after that runs are fixed-rate, on a
@@ -27,11 +27,11 @@ agent's task group; cancelling it stops every check:
   must not wait for a probe that is timing out), but never a third. The grid stays where
   it is, and the same admission control applies. So a quick answer can overtake a run
   that started earlier: results of one check are in the order they finished, not started.
-- Results get the next sequence number of this scheduler (1, 2, 3, ...) when they enter
-  the outbox, so the outbox, the link's buffer and the stream all carry them in sequence
-  order: the coordinator's "everything at or below N" acknowledgements rely on that. When
-  the outbox is full the result is dropped and counted (``dropped``); it takes no
-  sequence number.
+- Results get the store's next sequence number (1, 2, 3, ..., continuing where the
+  store left off) as they are stored, so the store and the stream carry them in sequence
+  order: the coordinator's "everything at or below N" acknowledgements rely on that. A
+  full store drops its oldest result and counts it (``ResultBuffer.dropped``), logged
+  here once per spell.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from vantage.durations import format_duration
 from vantage.logs import get_logger
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 
+from .buffer import ResultBuffer
 from .probes import LAUNCHERS, PROBES, ProbeFn
 from .probes.launch import Abort, Launch, Prepare
 from .probes.network import Timeline
@@ -85,13 +86,13 @@ class Scheduler:
     """Runs the current assignment set, each check on its own fixed-rate grid.
 
     ``apply`` may be called before or while ``run`` runs; checks start when both have
-    happened. ``dropped`` counts results lost to a full outbox, ``skipped`` the runs not
-    started because ``max_in_flight`` probes were running.
+    happened. ``skipped`` counts the runs not started because ``max_in_flight`` probes
+    were running.
     """
 
     def __init__(
         self,
-        outbox: asyncio.Queue[ProbeResult],
+        results: ResultBuffer,
         *,
         agent: str,
         region: str,
@@ -103,7 +104,7 @@ class Scheduler:
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
-        self._outbox = outbox
+        self._results = results
         self._probes = probes
         self._launchers = launchers
         self._grace = grace
@@ -118,16 +119,9 @@ class Scheduler:
         self._group: asyncio.TaskGroup | None = None
         self._timeline: Timeline[_Slot] | None = None
         self._running: dict[_Run, None] = {}  # runs in flight, in start order
-        self._next_seq = 1
-        self._dropped = 0
         self._dropping = False
         # Checked once: building a disabled debug line's fields costs per result.
         self._debug = self._log.is_enabled_for(logging.DEBUG)
-
-    @property
-    def dropped(self) -> int:
-        """Results dropped because the outbox was full, since the scheduler was built."""
-        return self._dropped
 
     @property
     def skipped(self) -> int:
@@ -385,25 +379,21 @@ class Scheduler:
         self, assignment: Assignment, started_at: float, duration: float, outcome: ProbeOutcome
     ) -> None:
         # Positional: keywords cost more, and this runs for every result.
+        results = self._results
         result = ProbeResult(
-            assignment.name, assignment.revision, self._next_seq, started_at, duration, outcome
+            assignment.name, assignment.revision, results.next_seq, started_at, duration, outcome
         )
-        try:
-            self._outbox.put_nowait(result)
-        except asyncio.QueueFull:
-            self._dropped += 1
+        if not results.add(result):
             if not self._dropping:
                 self._dropping = True
                 self._log.warning(
-                    "outbox full: dropping results until the link catches up",
+                    "too many unacknowledged results: dropping the oldest",
                     check=assignment.name,
-                    dropped_total=self._dropped,
+                    dropped_total=results.dropped,
                 )
-            return
-        self._next_seq += 1
-        if self._dropping:
+        elif self._dropping:
             self._dropping = False
-            self._log.info("outbox has room again", dropped_total=self._dropped)
+            self._log.info("result store has room again", dropped_total=results.dropped)
         if self._debug:
             self._log.debug(
                 "probe result",

@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 import vantage
+from agent.buffer import ResultBuffer
 from agent.link import CoordinatorLink, FatalError
 from agent.scheduler import Assignment
 from vantage.checks import parse_check
@@ -55,7 +56,7 @@ def result(seq: int) -> ProbeResult:
 
 def make_link(
     port: int,
-    outbox: asyncio.Queue[ProbeResult] | None = None,
+    store: ResultBuffer | None = None,
     apply: Applied | None = None,
     run_now: RanNow | None = None,
     **tuning: Any,
@@ -72,7 +73,7 @@ def make_link(
         f"127.0.0.1:{port}",
         name="eu-1",
         region="eu",
-        outbox=outbox if outbox is not None else asyncio.Queue(),
+        results=store if store is not None else ResultBuffer(100_000),
         apply=apply or Applied(),
         run_now=run_now or RanNow(),
         **tuning,
@@ -100,13 +101,13 @@ async def test_hello_assignments_and_results_arrive(coordinator: Any, until: Any
     web_pb = check_to_pb(web)
     web_pb.revision = 42  # the coordinator's revision is what results must carry
     fake = await coordinator(checks=[web_pb, check_to_pb(port)])
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    store = ResultBuffer(100_000)
     applied = Applied()
-    link = make_link(fake.port, outbox, applied)
+    link = make_link(fake.port, store, applied)
 
     async with running(link):
         for seq in (1, 2, 3):
-            outbox.put_nowait(result(seq))
+            store.add(result(seq))
         await until(lambda: len(fake.results) == 3 and link.unacknowledged == 0)
 
     [hello] = fake.hellos
@@ -176,18 +177,18 @@ async def test_reconnects_after_restart_and_resends_unacked_in_order(
     coordinator: Any, until: Any
 ) -> None:
     first = await coordinator(ack=False)  # ingests nothing it acknowledges
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    store = ResultBuffer(100_000)
 
     with structlog.testing.capture_logs() as logs:
-        link = make_link(first.port, outbox)
+        link = make_link(first.port, store)
         async with running(link):
             for seq in (1, 2, 3):
-                outbox.put_nowait(result(seq))
+                store.add(result(seq))
             await until(lambda: len(first.results) == 3)
             await first.stop()
             # Results made while the coordinator is away are kept too.
             for seq in (4, 5):
-                outbox.put_nowait(result(seq))
+                store.add(result(seq))
             await until(lambda: len(reconnect_reasons(logs)) >= 1)
 
             # The restarted coordinator had ingested up to 2 before going away.
@@ -203,12 +204,12 @@ async def test_reconnects_after_restart_and_resends_unacked_in_order(
 
 async def test_silent_coordinator_is_left(coordinator: Any, until: Any) -> None:
     fake = await coordinator(ack=False, heartbeat_ms=50)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    store = ResultBuffer(100_000)
 
     with structlog.testing.capture_logs() as logs:
-        link = make_link(fake.port, outbox, reply_timeout=0.2)
+        link = make_link(fake.port, store, reply_timeout=0.2)
         async with running(link):
-            outbox.put_nowait(result(1))
+            store.add(result(1))
             await until(lambda: len(fake.results) >= 2)
 
     assert reconnect_reasons(logs)[0] == "coordinator went silent: no reply for 200ms"
@@ -241,13 +242,13 @@ async def test_idle_coordinator_that_stops_answering_is_left(coordinator: Any, u
 
 async def test_results_travel_in_bounded_batches(coordinator: Any, until: Any) -> None:
     fake = await coordinator()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    link = make_link(fake.port, outbox, batch_size=500)
+    store = ResultBuffer(100_000)
+    link = make_link(fake.port, store, batch_size=500)
 
     async with running(link):
         await until(lambda: len(fake.hellos) == 1)
         for seq in range(1, 1201):
-            outbox.put_nowait(result(seq))
+            store.add(result(seq))
         await until(lambda: len(fake.results) == 1200)
 
     assert [r.seq for r in fake.results] == list(range(1, 1201))

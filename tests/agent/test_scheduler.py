@@ -1,5 +1,5 @@
 """The scheduler with small probe functions passed in: timing, sequence, assignment changes
-and the bounded outbox."""
+and the result store it fills."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
+from agent.buffer import ResultBuffer
 from agent.probes.launch import Abort, Done, Launch
 from agent.scheduler import Assignment, Scheduler
 from vantage.checks import parse_check
@@ -70,22 +71,24 @@ async def running(scheduler: Scheduler) -> AsyncIterator[None]:
             await task
 
 
-async def take(outbox: asyncio.Queue[ProbeResult], count: int) -> list[ProbeResult]:
-    async with asyncio.timeout(5):
-        return [await outbox.get() for _ in range(count)]
+async def take(store: ResultBuffer, count: int) -> list[ProbeResult]:
+    """The next ``count`` results stored, oldest first, once they are there."""
+    deadline = asyncio.get_running_loop().time() + 5
+    assert await store.wait_unsent(count, deadline), f"only {store.unsent} of {count} results"
+    return store.take_unsent(count)
 
 
-def scheduler_for(probe: Probe, outbox: asyncio.Queue[ProbeResult], **kwargs: Any) -> Scheduler:
+def scheduler_for(probe: Probe, store: ResultBuffer, **kwargs: Any) -> Scheduler:
     kwargs.setdefault("rng", NoJitter())
     return Scheduler(
-        outbox, agent="eu-1", region="eu", probes={"tcp": probe, "http": probe}, **kwargs
+        store, agent="eu-1", region="eu", probes={"tcp": probe, "http": probe}, **kwargs
     )
 
 
 async def test_first_runs_are_spread_within_one_interval(until: Any) -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox, rng=random.Random(7))
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store, rng=random.Random(7))
     checks = [check(f"c{i}", interval="1s", timeout="500ms") for i in range(40)]
     scheduler.apply(True, assign(*checks))
 
@@ -104,13 +107,13 @@ async def test_first_runs_are_spread_within_one_interval(until: Any) -> None:
 
 async def test_results_carry_strictly_increasing_seq_from_one() -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(*(check(f"c{i}") for i in range(20))))
 
     before = time.time()
     async with running(scheduler):
-        results = await take(outbox, 20)
+        results = await take(store, 20)
 
     assert [r.seq for r in results] == list(range(1, 21))
     assert {r.check for r in results} == {f"c{i}" for i in range(20)}
@@ -126,12 +129,12 @@ async def test_runs_are_fixed_rate_despite_probe_duration() -> None:
         await asyncio.sleep(0.3)
         return UP
 
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = Scheduler(outbox, agent="a", region="r", probes={"tcp": slow}, rng=NoJitter())
+    store = ResultBuffer(100_000)
+    scheduler = Scheduler(store, agent="a", region="r", probes={"tcp": slow}, rng=NoJitter())
     scheduler.apply(True, assign(check(interval="1s", timeout="500ms")))
 
     async with running(scheduler):
-        results = await take(outbox, 3)
+        results = await take(store, 3)
 
     starts = [r.started_at for r in results]
     # Every interval from the previous *start*, not from the previous end (1.3 s).
@@ -141,8 +144,8 @@ async def test_runs_are_fixed_rate_despite_probe_duration() -> None:
 
 async def test_new_revision_restarts_the_check() -> None:
     probe = Probe(block=lambda c: c.target == "127.0.0.1:1")
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     old, new = check(target="127.0.0.1:1"), check(target="127.0.0.1:2")
     assert old.revision != new.revision
     scheduler.apply(True, assign(old))
@@ -150,7 +153,7 @@ async def test_new_revision_restarts_the_check() -> None:
     async with running(scheduler):
         await probe.called.wait()
         scheduler.apply(False, assign(new))
-        [result] = await take(outbox, 1)
+        [result] = await take(store, 1)
 
     assert probe.cancelled == ["127.0.0.1:1"]  # the old run was stopped, not finished
     assert result.check_revision == new.revision
@@ -159,8 +162,8 @@ async def test_new_revision_restarts_the_check() -> None:
 
 async def test_same_revision_does_not_restart() -> None:
     probe = Probe(block=lambda c: True)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(check()))
 
     async with running(scheduler):
@@ -174,8 +177,8 @@ async def test_same_revision_does_not_restart() -> None:
 
 async def test_removal_stops_the_loop(until: Any) -> None:
     probe = Probe(block=lambda c: c.name == "a")
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(check("a"), check("b", interval="1s", timeout="500ms")))
 
     async with running(scheduler):
@@ -193,21 +196,20 @@ async def test_removal_stops_the_loop(until: Any) -> None:
         assert len(probe.calls) == calls  # nothing else runs
 
 
-async def test_full_outbox_drops_and_counts(until: Any) -> None:
+async def test_a_full_store_drops_the_oldest_and_counts(until: Any) -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue(maxsize=1)
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(1)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(*(check(f"c{i}") for i in range(5))))
 
     with structlog.testing.capture_logs() as logs:
         async with running(scheduler):
-            await until(lambda: scheduler.dropped == 4)
+            await until(lambda: store.dropped == 4)
 
-    assert outbox.qsize() == 1
-    assert outbox.get_nowait().seq == 1
+    assert [result.seq for result in store.take_unsent(10)] == [5]  # the newest is kept
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1  # one warning when dropping starts, not one per result
-    assert "outbox full" in warnings[0]["event"]
+    assert "dropping the oldest" in warnings[0]["event"]
 
 
 async def test_probe_that_ignores_its_timeout_is_cut_off() -> None:
@@ -215,14 +217,14 @@ async def test_probe_that_ignores_its_timeout_is_cut_off() -> None:
         await asyncio.Event().wait()
         return UP
 
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    store = ResultBuffer(100_000)
     scheduler = Scheduler(
-        outbox, agent="a", region="r", probes={"tcp": stuck}, grace=0.05, rng=NoJitter()
+        store, agent="a", region="r", probes={"tcp": stuck}, grace=0.05, rng=NoJitter()
     )
     scheduler.apply(True, assign(check(timeout="100ms", interval="1s")))
 
     async with running(scheduler):
-        [result] = await take(outbox, 1)
+        [result] = await take(store, 1)
 
     assert result.failure is FailureClass.TIMEOUT
     assert result.outcome.message == "probe did not finish within its timeout of 100ms"
@@ -232,13 +234,13 @@ async def test_probe_exception_is_an_internal_result_and_logged() -> None:
     async def broken(check: AnyCheck) -> ProbeOutcome:
         raise RuntimeError("boom")
 
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = Scheduler(outbox, agent="a", region="r", probes={"tcp": broken}, rng=NoJitter())
+    store = ResultBuffer(100_000)
+    scheduler = Scheduler(store, agent="a", region="r", probes={"tcp": broken}, rng=NoJitter())
     scheduler.apply(True, assign(check()))
 
     with structlog.testing.capture_logs() as logs:
         async with running(scheduler):
-            [result] = await take(outbox, 1)
+            [result] = await take(store, 1)
 
     assert result.failure is FailureClass.INTERNAL
     assert result.outcome.message == "probe failed: RuntimeError: boom"
@@ -249,12 +251,12 @@ async def test_probe_exception_is_an_internal_result_and_logged() -> None:
 
 async def test_each_result_is_logged_with_check_agent_and_region() -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    store = ResultBuffer(100_000)
     with structlog.testing.capture_logs() as logs:
-        scheduler = scheduler_for(probe, outbox)
+        scheduler = scheduler_for(probe, store)
         scheduler.apply(True, assign(check("web")))
         async with running(scheduler):
-            await take(outbox, 1)
+            await take(store, 1)
 
     [entry] = [e for e in logs if e["event"] == "probe result"]
     assert entry["log_level"] == "debug"
@@ -263,8 +265,8 @@ async def test_each_result_is_logged_with_check_agent_and_region() -> None:
 
 async def test_check_without_a_probe_is_skipped() -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = Scheduler(outbox, agent="a", region="r", probes={"tcp": probe}, rng=NoJitter())
+    store = ResultBuffer(100_000)
+    scheduler = Scheduler(store, agent="a", region="r", probes={"tcp": probe}, rng=NoJitter())
     web = parse_check({"name": "web", "type": "http", "target": "http://127.0.0.1/"})
 
     with structlog.testing.capture_logs() as logs:
@@ -276,23 +278,23 @@ async def test_check_without_a_probe_is_skipped() -> None:
 
 async def test_stopping_the_scheduler_stops_every_check(until: Any) -> None:
     probe = Probe(block=lambda c: True)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(check("a"), check("b")))
 
     async with running(scheduler):
         await until(lambda: len(probe.calls) == 2)
 
     assert sorted(probe.cancelled) == ["127.0.0.1:1", "127.0.0.1:1"]
-    assert outbox.empty()
+    assert store.unsent == 0  # nothing more stored
 
 
 async def test_runs_beyond_max_in_flight_are_skipped_and_counted(until: Any) -> None:
     # Two probes hang until their timeout; the third check finds no room and is skipped
     # rather than piling up more connections on an overloaded agent.
     probe = Probe(block=lambda c: c.name != "free")
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox, max_in_flight=2)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store, max_in_flight=2)
     slow = [check(f"slow{i}", interval="10s", timeout="5s") for i in range(2)]
     scheduler.apply(True, assign(*slow))
 
@@ -303,13 +305,13 @@ async def test_runs_beyond_max_in_flight_are_skipped_and_counted(until: Any) -> 
             await until(lambda: scheduler.skipped >= 1)
 
     assert [name for name, _, _ in probe.calls] == ["slow0", "slow1"]
-    assert outbox.empty()
+    assert store.unsent == 0  # nothing more stored
     assert any(e["log_level"] == "warning" and e.get("max_in_flight") == 2 for e in logs)
 
 
 def test_max_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
-        scheduler_for(Probe(), asyncio.Queue(), max_in_flight=0)
+        scheduler_for(Probe(), ResultBuffer(1), max_in_flight=0)
 
 
 # Out of schedule: run_now, the second opinions the coordinator asks for
@@ -317,16 +319,16 @@ def test_max_in_flight_must_be_positive() -> None:
 
 async def test_run_now_runs_at_once_and_leaves_the_grid_alone() -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(check(interval="1s", timeout="500ms")))
 
     async with running(scheduler):
-        [first] = await take(outbox, 1)
+        [first] = await take(store, 1)
         await asyncio.sleep(0.3)
         assert scheduler.run_now(["c"]) == 1
-        [extra] = await take(outbox, 1)
-        [scheduled] = await take(outbox, 1)
+        [extra] = await take(store, 1)
+        [scheduled] = await take(store, 1)
 
     assert [r.seq for r in (first, extra, scheduled)] == [1, 2, 3]
     assert all(r.check == "c" and r.success for r in (first, extra, scheduled))
@@ -339,17 +341,17 @@ async def test_run_now_runs_at_once_and_leaves_the_grid_alone() -> None:
 
 async def test_run_now_runs_beside_a_run_in_flight_but_never_a_third(until: Any) -> None:
     probe = Probe(block=lambda c: c.name == "busy")
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(
         True, assign(*(check(n, interval="10s", timeout="5s") for n in ("busy", "idle")))
     )
 
     async with running(scheduler):
         await until(lambda: len(probe.calls) == 2)
-        [idle] = await take(outbox, 1)
+        [idle] = await take(store, 1)
         assert scheduler.run_now(["busy", "idle"]) == 2
-        [again] = await take(outbox, 1)
+        [again] = await take(store, 1)
         assert scheduler.run_now(["busy"]) == 0  # its own run and an extra one in flight
         await asyncio.sleep(0.05)
         assert sorted(name for name, _, _ in probe.calls) == ["busy", "busy", "idle", "idle"]
@@ -370,22 +372,22 @@ async def test_an_asked_run_overtakes_a_slow_scheduled_one(until: Any) -> None:
             await release.wait()
         return UP
 
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    store = ResultBuffer(100_000)
     scheduler = Scheduler(
-        outbox, agent="eu-1", region="eu", probes={"tcp": slow_first}, rng=NoJitter()
+        store, agent="eu-1", region="eu", probes={"tcp": slow_first}, rng=NoJitter()
     )
     scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
 
     async with running(scheduler):
         await until(lambda: calls == 1)
         assert scheduler.run_now(["c"]) == 1
-        [asked] = await take(outbox, 1)
+        [asked] = await take(store, 1)
         # The scheduled run is still the check's own: with it and the extra one done, a
         # new ask finds room again.
         release.set()
-        [scheduled] = await take(outbox, 1)
+        [scheduled] = await take(store, 1)
         assert scheduler.run_now(["c"]) == 1
-        [third] = await take(outbox, 1)
+        [third] = await take(store, 1)
 
     assert [r.seq for r in (asked, scheduled, third)] == [1, 2, 3]
     assert asked.started_at > scheduled.started_at  # finished first, started later
@@ -394,8 +396,8 @@ async def test_an_asked_run_overtakes_a_slow_scheduled_one(until: Any) -> None:
 
 async def test_a_new_revision_stops_the_extra_run_too(until: Any) -> None:
     probe = Probe(block=lambda c: True)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
 
     async with running(scheduler):
@@ -407,37 +409,37 @@ async def test_a_new_revision_stops_the_extra_run_too(until: Any) -> None:
         assert scheduler.run_now(["c"]) == 1  # beside the new revision's run
 
     assert probe.cancelled[:2] == ["127.0.0.1:1"] * 2
-    assert outbox.empty()
+    assert store.unsent == 0  # nothing more stored
 
 
 async def test_run_now_ignores_unknown_and_repeated_names() -> None:
     probe = Probe()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store)
     scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
     assert scheduler.run_now(["c"]) == 0  # not running yet: nothing runs
     assert probe.calls == []
 
     async with running(scheduler):
-        await take(outbox, 1)
+        await take(store, 1)
         assert scheduler.run_now(["nope", "c", "", "c", "C"]) == 1
-        [result] = await take(outbox, 1)
+        [result] = await take(store, 1)
         assert scheduler.run_now([]) == 0
         await asyncio.sleep(0.05)
 
     assert result.check == "c"
     assert len(probe.calls) == 2
-    assert outbox.empty()
+    assert store.unsent == 0  # nothing more stored
 
 
 async def test_run_now_beyond_max_in_flight_is_skipped_and_counted(until: Any) -> None:
     probe = Probe(block=lambda c: c.name != "free")
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = scheduler_for(probe, outbox, max_in_flight=2)
+    store = ResultBuffer(100_000)
+    scheduler = scheduler_for(probe, store, max_in_flight=2)
     scheduler.apply(True, assign(check("free", interval="10s", timeout="5s")))
 
     async with running(scheduler):
-        await take(outbox, 1)
+        await take(store, 1)
         slow = [check(f"slow{i}", interval="10s", timeout="5s") for i in range(2)]
         scheduler.apply(False, assign(*slow))
         await until(lambda: len(probe.calls) == 3)
@@ -446,7 +448,7 @@ async def test_run_now_beyond_max_in_flight_is_skipped_and_counted(until: Any) -
 
     assert [name for name, _, _ in probe.calls] == ["free", "slow0", "slow1"]
     assert scheduler.skipped == 2  # both for want of room, slow0's extra run included
-    assert outbox.empty()
+    assert store.unsent == 0  # nothing more stored
 
 
 # Launched runs: probes that run on loop callbacks (agent.probes.launch)
@@ -475,11 +477,11 @@ class Launcher:
 
 
 def launched_scheduler(
-    launcher: Launcher, outbox: asyncio.Queue[ProbeResult], **kwargs: Any
+    launcher: Launcher, store: ResultBuffer, **kwargs: Any
 ) -> tuple[Scheduler, Probe]:
     probe = Probe()  # the coroutine the launcher stands in for: must not be called
     scheduler = Scheduler(
-        outbox,
+        store,
         agent="a",
         region="r",
         probes={"tcp": probe},
@@ -492,15 +494,15 @@ def launched_scheduler(
 
 async def test_launched_runs_publish_without_a_task_per_run() -> None:
     launcher = Launcher()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler, probe = launched_scheduler(launcher, outbox)
+    store = ResultBuffer(100_000)
+    scheduler, probe = launched_scheduler(launcher, store)
     scheduler.apply(
         True, assign(*(check(f"c{i}", interval="1s", timeout="500ms") for i in range(3)))
     )
 
     async with running(scheduler):
         tasks = len(asyncio.all_tasks())
-        results = await take(outbox, 3)
+        results = await take(store, 3)
         assert len(asyncio.all_tasks()) == tasks
 
     assert sorted(r.check for r in results) == ["c0", "c1", "c2"]
@@ -511,14 +513,14 @@ async def test_launched_runs_publish_without_a_task_per_run() -> None:
 
 async def test_run_now_launches_a_launched_probe() -> None:
     launcher = Launcher()
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler, probe = launched_scheduler(launcher, outbox)
+    store = ResultBuffer(100_000)
+    scheduler, probe = launched_scheduler(launcher, store)
     scheduler.apply(True, assign(check(interval="10s", timeout="5s")))
 
     async with running(scheduler):
-        await take(outbox, 1)
+        await take(store, 1)
         assert scheduler.run_now(["c"]) == 1
-        [result] = await take(outbox, 1)
+        [result] = await take(store, 1)
 
     assert result.success
     assert launcher.launched == ["c", "c"]
@@ -527,12 +529,12 @@ async def test_run_now_launches_a_launched_probe() -> None:
 
 async def test_launched_run_that_never_answers_is_cut_off_and_aborted() -> None:
     launcher = Launcher(answer=False)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler, _ = launched_scheduler(launcher, outbox, grace=0.05)
+    store = ResultBuffer(100_000)
+    scheduler, _ = launched_scheduler(launcher, store, grace=0.05)
     scheduler.apply(True, assign(check(timeout="100ms", interval="1s")))
 
     async with running(scheduler):
-        [result] = await take(outbox, 1)
+        [result] = await take(store, 1)
 
     assert result.failure is FailureClass.TIMEOUT
     assert result.outcome.message == "probe did not finish within its timeout of 100ms"
@@ -541,8 +543,8 @@ async def test_launched_run_that_never_answers_is_cut_off_and_aborted() -> None:
 
 async def test_removing_a_check_aborts_its_launched_run(until: Any) -> None:
     launcher = Launcher(answer=False)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler, _ = launched_scheduler(launcher, outbox)
+    store = ResultBuffer(100_000)
+    scheduler, _ = launched_scheduler(launcher, store)
     scheduler.apply(True, assign(check("a", timeout="5s", interval="10s")))
 
     async with running(scheduler):
@@ -551,17 +553,17 @@ async def test_removing_a_check_aborts_its_launched_run(until: Any) -> None:
         assert launcher.aborted == ["a"]
         await asyncio.sleep(0.05)
 
-    assert outbox.empty()
+    assert store.unsent == 0  # nothing more stored
 
 
 async def test_launch_that_raises_is_an_internal_result_and_logged() -> None:
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler, _ = launched_scheduler(Launcher(broken=True), outbox)
+    store = ResultBuffer(100_000)
+    scheduler, _ = launched_scheduler(Launcher(broken=True), store)
     scheduler.apply(True, assign(check()))
 
     with structlog.testing.capture_logs() as logs:
         async with running(scheduler):
-            [result] = await take(outbox, 1)
+            [result] = await take(store, 1)
 
     assert result.failure is FailureClass.INTERNAL
     assert result.outcome.message == "probe failed: RuntimeError: boom"
@@ -575,8 +577,8 @@ async def test_http_checks_run_through_the_real_launcher(serve: Any) -> None:
         await writer.drain()
 
     port = await serve(answer)
-    outbox: asyncio.Queue[ProbeResult] = asyncio.Queue()
-    scheduler = Scheduler(outbox, agent="a", region="r", rng=NoJitter())
+    store = ResultBuffer(100_000)
+    scheduler = Scheduler(store, agent="a", region="r", rng=NoJitter())
     web = parse_check(
         {
             "name": "web",
@@ -590,7 +592,7 @@ async def test_http_checks_run_through_the_real_launcher(serve: Any) -> None:
 
     async with running(scheduler):
         tasks = len(asyncio.all_tasks())
-        results = await take(outbox, 2)
+        results = await take(store, 2)
         assert len(asyncio.all_tasks()) == tasks
 
     assert [r.success for r in results] == [True, True]

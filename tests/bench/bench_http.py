@@ -384,7 +384,7 @@ class VantageRun:
     ingested: float
     probes: float  # nginx requests per second: probes that reached the target
     dropped_at_coordinator: int
-    agent_drops: dict[str, int]
+    agent_drops: int
     cpu: dict[str, float]
 
     @property
@@ -487,16 +487,10 @@ class Vantage:
         values = self.metrics("vantage_results_dropped_total")
         return sum(v for k, v in values.items() if k.startswith("vantage_results_dropped_total"))
 
-    def agent_drops(self) -> dict[str, int]:
-        """The agent's own drop counters, as its last drop-related log lines say."""
-        drops = {"outbox": 0, "buffer": 0}
-        for event in _events(self.children.dir / "agent.log"):
-            total = event.get("dropped_total")
-            if total is None:
-                continue
-            key = "outbox" if "outbox" in event.get("event", "") else "buffer"
-            drops[key] = max(drops[key], int(total))
-        return drops
+    def agent_drops(self) -> int:
+        """The agent's own drop count, as its last drop-related log line says."""
+        totals = (event.get("dropped_total") for event in _events(self.children.dir / "agent.log"))
+        return max((int(total) for total in totals if total is not None), default=0)
 
     def verdicts(self) -> dict[str, int]:
         """Verdict states, and failure classes of the non-up ones, as ``vantage status``
@@ -551,7 +545,7 @@ class Vantage:
             ingested=(received_after - received) / elapsed,
             probes=requests / elapsed,
             dropped_at_coordinator=int(dropped_after - dropped),
-            agent_drops={k: drops_after[k] - drops_before[k] for k in drops_after},
+            agent_drops=drops_after - drops_before,
             cpu=cpu,
         )
 
@@ -608,7 +602,7 @@ def machine_facts() -> list[tuple[str, str]]:
 
 
 def vantage_line(run: VantageRun) -> str:
-    drops = run.agent_drops["outbox"] + run.agent_drops["buffer"] + run.dropped_at_coordinator
+    drops = run.agent_drops + run.dropped_at_coordinator
     per_probe = run.cpu["agent"] / max(1.0, run.probes) * 1e6
     per_result = run.cpu["coordinator"] / max(1.0, run.ingested) * 1e6
     return (
