@@ -166,9 +166,6 @@ class CoordinatorLink:
     async def run(self) -> None:
         """Stay connected until cancelled; FatalError when the coordinator refuses the
         agent (already logged as an error)."""
-        await self._reconnect_forever()
-
-    async def _reconnect_forever(self) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
