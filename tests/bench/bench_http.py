@@ -434,6 +434,8 @@ class Vantage:
             "checks_file: checks.yaml\n"
             "tokens_file: tokens.yaml\n"
             "engine: {min_agents: 1, min_regions: 1}\n"
+            # The bench's demand is past the per-agent default (20,000 checks) by design.
+            "limits: {max_checks_per_agent: 1000000}\n"
         )
         log = self.children.dir / "coordinator.log"
         self.coordinator = self.children.spawn(
