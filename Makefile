@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-verdict clean help
+.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-verdict dist clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -46,8 +46,10 @@ build/native.stamp: $(VENV)/.installed $(NATIVE) vantage/native.py
 
 # Debian packages the tests use: promtool (prometheus); the multi-region test bed's
 # targets, resolvers, faults and network (nginx, dnsmasq, nftables, iproute2); curl for
-# the JSON API over TLS as operators call it.
-SYSTEM_TOOLS := promtool:prometheus mosquitto:mosquitto nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2 curl:curl
+# the JSON API over TLS as operators call it; the deploy files' own tools (systemd-analyze,
+# cloud-init schema, mmdebstrap + podman for the container image).
+SYSTEM_TOOLS := promtool:prometheus mosquitto:mosquitto nginx:nginx dnsmasq:dnsmasq-base nft:nftables ip:iproute2 curl:curl \
+	systemd-analyze:systemd cloud-init:cloud-init mmdebstrap:mmdebstrap podman:podman
 system-deps:  ## install the Debian packages the tests need
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || echo $${pair#*:}; done); \
@@ -74,6 +76,16 @@ bench: build/native.stamp bench-deps  ## HTTP probes/s: one agent + coordinator 
 
 bench-verdict: $(VENV)/.installed  ## verdict engine scores from the seeded simulator (writes docs/verdict-scores.md)
 	$(PY) tests/bench/bench_verdict.py $(BENCH_ARGS)
+
+# A wheel and sdist to install without this repository (`pip install -c constraints.txt
+# vantage-*.whl`; README: Running an agent on a VPS). The wheel is built from the sdist, so
+# it holds what the packages declare (vantage_proto, openapi.yaml, py.typed: see
+# package-data in pyproject.toml) and never the mypyc extensions beside the sources or
+# leftovers in build/: pure Python, for any machine. --no-isolation builds with this venv's
+# setuptools rather than whichever one an isolated build would download.
+DIST ?= dist
+dist: $(VENV)/.installed  ## build the wheel and sdist into dist/ (DIST=DIR for another)
+	$(PY) -m build --quiet --no-isolation --outdir $(DIST) .
 
 run: build/native.stamp  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh

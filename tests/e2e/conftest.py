@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from running_system import System
+from running_system import System, system
 
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    running = System(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop_all()
+__all__ = ["module_system", "system"]
 
 
 @pytest.fixture(scope="module")

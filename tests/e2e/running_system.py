@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,10 +191,13 @@ class System:
         self.procs.append(proc)
         return proc
 
-    def coordinator(self, config: Path, prefix: tuple[str, ...] = ()) -> Coordinator:
+    def coordinator(
+        self, config: Path, prefix: tuple[str, ...] = (), program: str = VANTAGE
+    ) -> Coordinator:
         """A coordinator on ``config``, once it listens; ``prefix`` goes before its argv
-        (``ip netns exec NS`` runs it in a network namespace)."""
-        args = (VANTAGE, "coordinator", "--config", str(config))
+        (``ip netns exec NS`` runs it in a network namespace), ``program`` is the
+        ``vantage`` to run (this checkout's by default)."""
+        args = (program, "coordinator", "--config", str(config))
         proc = self.spawn("coordinator", *prefix, *args)
 
         def listening() -> dict[str, Any] | None:
@@ -294,3 +297,13 @@ class System:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    """A System for one test, every process it started stopped after it."""
+    running = System(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop_all()
