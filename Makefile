@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-verdict dist clean help
+.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-spool bench-verdict dist image clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -86,6 +86,19 @@ bench-verdict: $(VENV)/.installed  ## verdict engine scores from the seeded simu
 DIST ?= dist
 dist: $(VENV)/.installed  ## build the wheel and sdist into dist/ (DIST=DIR for another)
 	$(PY) -m build --quiet --no-isolation --outdir $(DIST) .
+
+# The container image (deploy/container/Containerfile; README: In a container), built
+# with podman; it compiles the probe path with mypyc itself. A machine whose pip trusts
+# a CA bundle of its own (PIP_CERT) lends it to the build's pip as a build secret, kept in
+# no layer. IMAGE_FLAGS adds `podman build` flags, e.g. --isolation chroot where podman
+# cannot start containers, or --build-arg BASE=IMAGE for another Debian 12 base.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' vantage/__init__.py)
+IMAGE ?= localhost/vantage:$(VERSION)
+IMAGE_FLAGS ?=
+comma := ,
+image:  ## build the container image localhost/vantage:VERSION with podman (IMAGE_FLAGS=...)
+	podman build -f deploy/container/Containerfile --build-arg VERSION=$(VERSION) \
+	  $(if $(PIP_CERT),--secret id=pip-ca$(comma)src=$(PIP_CERT)) -t $(IMAGE) $(IMAGE_FLAGS) .
 
 run: build/native.stamp  ## start a coordinator and three agents (eu, us, ap) on this machine
 	deploy/examples/run-local.sh
