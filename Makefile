@@ -74,6 +74,9 @@ BENCH_ARGS ?=
 bench: build/native.stamp bench-deps  ## HTTP probes/s: one agent + coordinator vs blackbox_exporter
 	$(PY) tests/bench/bench_http.py $(BENCH_ARGS)
 
+bench-spool: build/native.stamp  ## the agent's result spool: segment log vs a SQLite prototype
+	$(PY) tests/bench/bench_spool.py $(BENCH_ARGS)
+
 bench-verdict: $(VENV)/.installed  ## verdict engine scores from the seeded simulator (writes docs/verdict-scores.md)
 	$(PY) tests/bench/bench_verdict.py $(BENCH_ARGS)
 

@@ -1,5 +1,6 @@
 """The agent process: a scheduler running the assigned checks and a link to the
-coordinator, wired together by one bounded result store.
+coordinator, wired together by one bounded result store: the on-disk spool
+(``agent.spool``) when ``spool_dir`` is set, else a ``ResultBuffer`` in memory.
 
 Entry point (what ``vantage agent`` does)::
 
@@ -12,6 +13,11 @@ Entry point (what ``vantage agent`` does)::
 
 ``Agent.run`` returns only by cancellation (Ctrl-C, SIGTERM handled by the runner) or by
 raising ``FatalError``; transient trouble with the coordinator is retried inside.
+
+With a spool, ``Agent(settings)`` opens and locks it (``SpoolError``, a ``FatalError``, when
+the directory cannot be used or another agent has it) and announces its id as the
+instance id, so that sequence numbers go on across restarts; ``run`` flushes it every
+``flush_interval`` and closes it (a last flush, the lock released) however it ends.
 """
 
 from __future__ import annotations
@@ -20,17 +26,19 @@ import asyncio
 import gc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vantage import names, native
 from vantage.checks import split_host_port
 from vantage.logs import get_logger
 from vantage.tls import ClientTls
 
-from .buffer import ResultBuffer
+from .buffer import ResultBuffer, ResultStore
 from .errors import FatalError, most_severe
 from .link import CoordinatorLink
 from .probes import PROBES, ProbeFn
 from .scheduler import DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, Scheduler
+from .spool import DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_BYTES, MIN_SPOOL_BYTES, Spool
 
 __all__ = ["Agent", "AgentSettings", "FatalError"]
 
@@ -57,8 +65,15 @@ class AgentSettings:
     token: str | None = field(repr=False)
     # How to dial the coordinator; None: TLS unless it is on a loopback address.
     tls: ClientTls | None = None
-    # Results not yet acknowledged by the coordinator, sent or not; beyond this the
-    # oldest are dropped and counted.
+    # Where results not yet acknowledged by the coordinator are kept (agent.spool); None:
+    # in memory only, lost with the process, and a new instance id at every start.
+    spool_dir: Path | None = None
+    # The spool's bound on disk; beyond it the oldest results are dropped and counted.
+    spool_bytes: int = DEFAULT_SPOOL_BYTES
+    # How often the spool writes: a kill -9 loses at most this much of the results.
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    # Without a spool: results not yet acknowledged, sent or not; beyond this the oldest
+    # are dropped and counted.
     buffer_size: int = 100_000
     # Results per ResultBatch at most. A stream write costs a roughly fixed wall time that
     # grows with the event loop's load (grpc.aio completes it through its poller thread):
@@ -99,9 +114,16 @@ class AgentSettings:
             ("backoff_initial", self.backoff_initial),
             ("backoff_max", self.backoff_max),
             ("max_in_flight", self.max_in_flight),
+            ("flush_interval", self.flush_interval),
         ):
             if number <= 0:
                 raise ValueError(f"{label} must be positive, not {number}")
+        if self.spool_bytes < MIN_SPOOL_BYTES:
+            raise ValueError(
+                f"spool_bytes must be at least {MIN_SPOOL_BYTES} (64KiB), not {self.spool_bytes}"
+            )
+        if self.flush_interval > 60:
+            raise ValueError(f"flush_interval must be 60s at most, not {self.flush_interval:g}s")
         if self.probe_grace < 0:
             raise ValueError(f"probe_grace must not be negative, not {self.probe_grace}")
 
@@ -115,7 +137,18 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, *, probes: Mapping[str, ProbeFn] = PROBES) -> None:
         self.settings = settings
-        self.results = ResultBuffer(settings.buffer_size)
+        self.spool: Spool | None = None
+        self.results: ResultStore
+        if settings.spool_dir is not None:
+            self.results = self.spool = Spool(
+                settings.spool_dir,
+                max_bytes=settings.spool_bytes,
+                flush_interval=settings.flush_interval,
+                agent=settings.name,
+                region=settings.region,
+            )
+        else:
+            self.results = ResultBuffer(settings.buffer_size)
         self.scheduler = Scheduler(
             self.results,
             agent=settings.name,
@@ -132,6 +165,8 @@ class Agent:
             results=self.results,
             apply=self.scheduler.apply,
             run_now=self.scheduler.run_now,
+            counters=lambda: (self.results.dropped, self.scheduler.skipped),
+            instance_id=self.spool.id if self.spool is not None else None,
             capabilities=tuple(probes),
             probes=probes,
             batch_size=settings.batch_size,
@@ -151,6 +186,7 @@ class Agent:
             "agent starting",
             coordinator=self.settings.coordinator,
             instance_id=self.link.instance_id,
+            spool=str(self.settings.spool_dir) if self.spool is not None else None,
             compiled=len(native.compiled()),
         )
         stale = native.stale()
@@ -164,7 +200,11 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.scheduler.run(), name="scheduler")
                 group.create_task(self.link.run(), name="coordinator link")
+                if self.spool is not None:
+                    group.create_task(self.spool.run(), name="spool")
         except BaseExceptionGroup as group:
             raise most_severe(group) from None
         finally:
             gc.set_threshold(*previous)
+            if self.spool is not None:
+                self.spool.close()

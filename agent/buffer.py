@@ -7,15 +7,60 @@ broke are sent again, in order, on the next one. Connected or not, there is one 
 one drop policy: when full, the oldest result is dropped and counted (``dropped``); new
 results always get in, since they are what the live verdict needs.
 
-A disk spool offers the same methods and keeps the unacknowledged tail on disk.
+``ResultStore`` is what the scheduler and the link rely on; ``ResultBuffer`` keeps it in
+memory (a memory-only agent, ``vantage agent --no-spool``, and tests), ``agent.spool.Spool``
+keeps the unacknowledged results on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 from vantage.results import ProbeResult
+
+
+class ResultStore(Protocol):
+    """Unacknowledged results in sequence order, between the scheduler (``add``) and the
+    coordinator link (everything else). Single consumer."""
+
+    @property
+    def next_seq(self) -> int:
+        """The number the next result added must carry."""
+
+    @property
+    def dropped(self) -> int:
+        """Results dropped so far (the store was full), never delivered."""
+
+    @property
+    def in_flight(self) -> int:
+        """Results sent on the current stream and not yet acknowledged."""
+
+    @property
+    def unsent(self) -> int:
+        """Results waiting to be sent on the current stream."""
+
+    def __len__(self) -> int: ...
+
+    def add(self, result: ProbeResult) -> bool:
+        """Append a result numbered ``next_seq``; False when the oldest result had to be
+        dropped for it (a store that drops later, as the spool does when it writes,
+        returns True and logs its drops itself)."""
+
+    def take_unsent(self, limit: int) -> list[ProbeResult]:
+        """Up to ``limit`` of the oldest unsent results, now counted as in flight."""
+
+    def ack(self, seq: int) -> int:
+        """Forget every result at or below ``seq``; returns how many were forgotten."""
+
+    def rewind(self) -> None:
+        """A new stream: everything unacknowledged is unsent again, oldest first."""
+
+    async def wait_unsent(self, at_least: int, deadline: float) -> bool:
+        """Wait until ``at_least`` results are unsent (True) or the loop clock reaches
+        ``deadline`` (False)."""
 
 
 class ResultBuffer:
@@ -89,11 +134,20 @@ class ResultBuffer:
     async def wait_unsent(self, at_least: int, deadline: float) -> bool:
         """Wait until ``at_least`` results are unsent (True) or the loop clock reaches
         ``deadline`` (False, unless they arrived just in time)."""
-        try:
-            async with asyncio.timeout_at(deadline):
-                while len(self._unsent) < at_least:
-                    self._grew.clear()
-                    await self._grew.wait()
-        except TimeoutError:
-            return len(self._unsent) >= at_least
-        return True
+        return await wait_grown(self._grew, lambda: len(self._unsent), at_least, deadline)
+
+
+async def wait_grown(
+    grew: asyncio.Event, count: Callable[[], int], at_least: int, deadline: float
+) -> bool:
+    """Wait until ``count()`` reaches ``at_least`` (True), woken by ``grew``, or the loop
+    clock reaches ``deadline`` (False, unless it got there just in time): the one wait
+    both result stores give the link."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            while count() < at_least:
+                grew.clear()
+                await grew.wait()
+    except TimeoutError:
+        return count() >= at_least
+    return True

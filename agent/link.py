@@ -19,8 +19,10 @@ agent for good (``FatalError``). Each stream goes:
    coordinator acknowledges every batch and answers every heartbeat: one left unanswered
    for ``reply_timeout`` means the coordinator went silent, and the stream is abandoned.
 
-Results are read from the agent's result store (``agent.buffer.ResultBuffer``, which the
-scheduler fills, connected or not) and stay there until acknowledged.
+Results are read from the agent's result store (``agent.buffer.ResultStore``: the disk
+spool, ``agent.spool``, or memory; the scheduler fills it, connected or not) and stay
+there until acknowledged. Every heartbeat and batch carries the agent's counters (results
+the store dropped when full, runs skipped) so the coordinator can show them.
 
 Errors (see ``agent.errors``)::
 
@@ -58,7 +60,7 @@ from vantage.wire import WireError, check_from_pb, results_to_pb
 from vantage_proto.v1 import agent_pb2
 from vantage_proto.v1.agent_pb2_grpc import AgentServiceStub
 
-from .buffer import ResultBuffer
+from .buffer import ResultStore
 from .errors import FatalError, TransientError, most_severe
 from .ondemand import OnDemandProbes
 from .probes import PROBES, ProbeFn
@@ -72,6 +74,10 @@ ApplyAssignments = Callable[[bool, Sequence[Assignment], Sequence[str]], None]
 RunNow = Callable[[Iterable[str]], int]
 """Receives each Recheck's check names, validated; returns how many runs it started;
 ``Scheduler.run_now``."""
+
+Counters = Callable[[], tuple[int, int]]
+"""The agent's (results dropped, runs skipped) so far, reported in every ResultBatch and
+Heartbeat so that the coordinator shows them."""
 
 # Longest check name worth logging from a message the link refuses.
 _LOGGED_NAME = 128
@@ -102,9 +108,10 @@ class CoordinatorLink:
         name: str,
         region: str,
         token: str | None,
-        results: ResultBuffer,
+        results: ResultStore,
         apply: ApplyAssignments,
         run_now: RunNow,
+        counters: Counters | None = None,
         instance_id: str | None = None,
         capabilities: Sequence[str] = tuple(PROBES),
         probes: Mapping[str, ProbeFn] | None = None,
@@ -124,6 +131,7 @@ class CoordinatorLink:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._apply = apply
         self._run_now = run_now
+        self._counters: Counters = counters or (lambda: (results.dropped, 0))
         # Names assigned on the current stream: bounds what a Recheck may name.
         self._assigned: set[str] = set()
         self.instance_id = instance_id or uuid.uuid4().hex
@@ -337,7 +345,9 @@ class CoordinatorLink:
         while True:
             idle_until = self._last_sent + self._heartbeat_interval
             if not await self._buffer.wait_unsent(1, idle_until):
-                heartbeat = agent_pb2.Heartbeat(sent_unix_us=round(time.time() * 1_000_000))
+                heartbeat = agent_pb2.Heartbeat(
+                    sent_unix_us=_now_us(), counters=self._counters_pb()
+                )
                 self._await_reply()
                 await self._write(call, agent_pb2.AgentMessage(heartbeat=heartbeat))
                 self._last_sent = loop.time()
@@ -349,8 +359,14 @@ class CoordinatorLink:
                 batch = self._buffer.take_unsent(self._batch_size)
                 message = agent_pb2.AgentMessage()
                 results_to_pb(batch, message.results)
+                message.results.sent_unix_us = _now_us()
+                message.results.counters.CopyFrom(self._counters_pb())
                 await self._write(call, message)
                 self._last_sent = loop.time()
+
+    def _counters_pb(self) -> agent_pb2.AgentCounters:
+        dropped, skipped = self._counters()
+        return agent_pb2.AgentCounters(results_dropped=dropped, runs_skipped=skipped)
 
     def _await_reply(self) -> None:
         if self._awaiting_since is None:
@@ -401,3 +417,8 @@ class CoordinatorLink:
                 return TransientError(f"coordinator unreachable: {detail}")
             return TransientError(f"connection to coordinator lost: {detail}")
         return TransientError(f"stream failed ({code.name}): {detail}")
+
+
+def _now_us() -> int:
+    """The wall clock in microseconds since the epoch, as the wire carries times."""
+    return round(time.time() * 1_000_000)

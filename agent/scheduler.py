@@ -30,7 +30,7 @@ the coordinator link reads), ``apply`` assignments at any time, and run
 - Results get the store's next sequence number (1, 2, 3, ..., continuing where the
   store left off) as they are stored, so the store and the stream carry them in sequence
   order: the coordinator's "everything at or below N" acknowledgements rely on that. A
-  full store drops its oldest result and counts it (``ResultBuffer.dropped``), logged
+  full store drops its oldest result and counts it (``ResultStore.dropped``), logged
   here once per spell.
 """
 
@@ -50,7 +50,7 @@ from vantage.durations import format_duration
 from vantage.logs import get_logger
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult
 
-from .buffer import ResultBuffer
+from .buffer import ResultStore
 from .probes import LAUNCHERS, PROBES, ProbeFn
 from .probes.launch import Abort, Launch, Prepare
 from .probes.network import Timeline
@@ -92,7 +92,7 @@ class Scheduler:
 
     def __init__(
         self,
-        results: ResultBuffer,
+        results: ResultStore,
         *,
         agent: str,
         region: str,

@@ -2,6 +2,7 @@
 
 Lifecycle of a ``Connect`` stream, as the coordinator runs it:
 
+0. While the coordinator drains (SIGTERM), every stream is refused with UNAVAILABLE.
 1. **Authenticate** from the ``authorization: Bearer <token>`` metadata (or the client
    certificate standing in for it; ``coordinator.auth``), before anything else: a
    missing, malformed, unknown or revoked token ends the stream with UNAUTHENTICATED.
@@ -11,18 +12,22 @@ Lifecycle of a ``Connect`` stream, as the coordinator runs it:
    logged (peer and, when the agent sent one, the name and region it claimed) and
    counted.
 3. The agent joins the fleet (replacing an older stream with its name, which ends with
-   ABORTED) and the engine, and is sent Welcome and its full assignments.
-4. Then, in any order: a ResultBatch is folded into the engine and acknowledged with the
-   highest sequence number handled; a Heartbeat is answered; check set changes are pushed
-   as incremental Assignments; second opinions the engine asks for are sent as Recheck
-   (see ``send_rechecks``); on-demand ProbeRequests go out (``send_probe``) and their
+   ABORTED) and the engine, and is sent Welcome (with the highest sequence number already
+   handled for its instance) and its full assignments.
+4. Then, in any order: a ResultBatch is folded in and acknowledged with the highest
+   sequence number handled; a Heartbeat is answered; both carry the agent's own counters;
+   check set changes are pushed as incremental Assignments; second opinions the engine
+   asks for are sent as Recheck; on-demand ProbeRequests go out (``send_probe``) and their
    ProbeResponses go to ``coordinator.ondemand``, which also hears of the stream's end.
+   Every one of these events is applied by ``coordinator.state``, the one owner of the
+   engine, fleet, registry and store; this module is the stream mechanics.
 5. The stream ends when the agent closes it, is silent for ``SILENCE_HEARTBEATS``
    heartbeat intervals (UNAVAILABLE), is replaced (ABORTED), stops reading so that its
    outbox fills (RESOURCE_EXHAUSTED), sends a message over ``limits.max_message_bytes``
    (RESOURCE_EXHAUSTED, by ``coordinator.gate``), its token is revoked
-   (UNAUTHENTICATED), or the server stops. Whatever the cause, the agent
-   leaves the engine and is marked disconnected in the fleet.
+   (UNAUTHENTICATED), or the coordinator drains (UNAVAILABLE: reconnect later) or stops.
+   Whatever the cause, the agent is marked disconnected in the fleet and, unless the
+   coordinator is stopping, leaves the engine.
 
 **Pacing.** Each stream has a budget of messages (``limits.agent_message_rate``) and of
 results (``limits.agent_result_rate``: by default four times what the agent's checks
@@ -35,10 +40,11 @@ reason="throttled"}``; one warning per episode names the agent.
 Results are dropped (and counted in ``vantage_results_dropped_total``) when they do not
 convert (``invalid``), name a check not currently assigned (``unassigned``) or have a
 sequence number at or below the highest already handled for that agent instance
-(``duplicate``). Dropped results are still acknowledged: the agent must not replay them.
+(``duplicate``, also across the coordinator's restarts). Dropped results are still
+acknowledged: the agent must not replay them.
 
-Everything here runs on the event loop; engine and fleet calls are synchronous, so the
-state they see never changes under them.
+Everything here runs on the event loop; state calls are synchronous, so the state they
+see never changes under them.
 """
 
 from __future__ import annotations
@@ -54,17 +60,16 @@ from structlog.typing import FilteringBoundLogger
 from vantage import __version__, names
 from vantage.client import REFUSAL_METADATA
 from vantage.logs import get_logger
-from vantage.wire import WireError, check_to_pb, result_from_pb
+from vantage.wire import check_to_pb
 from vantage_proto.v1 import agent_pb2, agent_pb2_grpc
 
 from .auth import Authenticator, AuthError, Principal, bearer_token, certificate_names
-from .engine import VerdictEngine
-from .fleet import AgentFleet, AgentHello
+from .fleet import AgentHello
 from .limits import LimitsConfig, TokenBucket
 from .metrics import CoordinatorMetrics
 from .ondemand import OnDemandChecks
 from .registry import CheckChange, CheckRegistry
-from .transitions import TransitionRecorder
+from .state import MAX_FIELD, CoordinatorState
 
 if TYPE_CHECKING:
     from grpc import aio
@@ -82,7 +87,6 @@ SILENCE_HEARTBEATS = 3
 # the agent reads continuously; a full outbox means it stopped reading.
 OUTBOX_CAPACITY = 256
 MAX_CAPABILITIES = 32
-MAX_FIELD = 128
 _US = 1_000_000
 
 
@@ -108,12 +112,15 @@ class _AgentStream:
         checks: CheckRegistry,
         stream_log: FilteringBoundLogger,
         limits: LimitsConfig,
+        heartbeat_interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.messages = TokenBucket(
             limits.agent_message_rate, limits.agent_message_burst, clock=clock
         )
         self.results = TokenBucket(*limits.result_rate(checks.scheduled_rate, len(checks)))
+        self._limits = limits
+        self._heartbeat_interval = heartbeat_interval
         self.throttled = False
         # None in the outbox: finish cleanly after the messages queued before it.
         self._outbox: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = asyncio.Queue(
@@ -138,7 +145,27 @@ class _AgentStream:
     def finish(self) -> None:
         self.send(None)
 
+    def welcome(self, last_seq: int) -> None:
+        self.send(
+            agent_pb2.CoordinatorMessage(
+                welcome=agent_pb2.Welcome(
+                    coordinator_version=__version__,
+                    heartbeat_interval_ms=round(self._heartbeat_interval * 1000),
+                    last_seq=last_seq,
+                )
+            )
+        )
+        self.assign_all()
+
+    def acknowledge(self, seq: int) -> None:
+        self.send(agent_pb2.CoordinatorMessage(ack=agent_pb2.ResultAck(seq=seq)))
+
     def assign(self, change: CheckChange) -> None:
+        """Send a check set change (the registry holds the new set already), and take
+        the result budget of the new set."""
+        self.results.set_rate(
+            *self._limits.result_rate(self._checks.scheduled_rate, len(self._checks))
+        )
         self.send(
             agent_pb2.CoordinatorMessage(
                 assignments=agent_pb2.Assignments(
@@ -186,18 +213,15 @@ class _AgentStream:
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     """Servicer for ``vantage.v1.AgentService``; see the module docstring for the lifecycle.
 
-    ``checks`` is the coordinator's live check registry; whoever replaces its contents
-    pushes the change to the agents with ``push_assignments``.
+    Stream mechanics only: every event of a stream (connect, results, heartbeat,
+    disconnect) is applied by ``state`` (``coordinator.state``).
     """
 
     def __init__(
         self,
         *,
-        engine: VerdictEngine,
-        fleet: AgentFleet,
-        checks: CheckRegistry,
+        state: CoordinatorState,
         authenticator: Authenticator,
-        recorder: TransitionRecorder,
         metrics: CoordinatorMetrics,
         heartbeat_interval: float,
         limits: LimitsConfig | None = None,
@@ -205,73 +229,50 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         on_demand: OnDemandChecks | None = None,
     ) -> None:
         self._on_demand = on_demand
-        self._engine = engine
-        self._fleet = fleet
-        self._checks = checks
+        self._state = state
         self._auth = authenticator
         self._limits = limits or LimitsConfig()
-        self._recorder = recorder
         self._metrics = metrics
         self._heartbeat_interval = heartbeat_interval
         self._clock = clock
-
-    def push_assignments(self, change: CheckChange) -> None:
-        """Send a check set change to every connected agent (never blocks), and give
-        each stream the result budget of the new set."""
-        if change:
-            rate = self._limits.result_rate(self._checks.scheduled_rate, len(self._checks))
-            for link in self._fleet.links():
-                link.assign(change)
-                if isinstance(link, _AgentStream):
-                    link.results.set_rate(*rate)
+        self._streams: set[_AgentStream] = set()
+        self._draining: str | None = None  # why new streams are refused, once draining
+        self._none_open = asyncio.Event()
+        self._none_open.set()
 
     def send_probe(self, agent: str, request: agent_pb2.ProbeRequest) -> object | None:
         """Send an on-demand ProbeRequest on ``agent``'s live stream (never blocks);
         returns that stream, or None when the agent is not connected."""
-        link = self._fleet.link(agent)
+        link = self._state.fleet.link(agent)
         if not isinstance(link, _AgentStream):
             return None
         link.send(agent_pb2.CoordinatorMessage(probe_request=request))
         return link
 
-    def send_rechecks(self) -> None:
-        """Send the second opinions the engine asked for since the last call (never
-        blocks): each connected agent asked gets one Recheck naming every check asked of
-        it, each once. Agents no longer connected are skipped.
+    def drain(self, reason: str) -> int:
+        """End every agent stream with UNAVAILABLE and ``reason``, and refuse new ones so
+        (agents reconnect with backoff: here once the coordinator is back); returns how
+        many streams were open."""
+        self._draining = reason
+        streams = list(self._streams)
+        for stream in streams:
+            stream.end(reason, grpc.StatusCode.UNAVAILABLE)
+        return len(streams)
 
-        Any engine call may ask (``observe``, ``tick``, ``agent_connected``,
-        ``agent_disconnected``, ``set_checks``), so whoever makes one calls this after it.
-        """
-        requests = self._engine.take_requests()
-        if not requests:
-            return
-        asked: dict[str, dict[str, None]] = {}  # agent -> its checks, in order, once each
-        for request in requests:
-            for agent in request.agents:
-                asked.setdefault(agent, {})[request.check] = None
-        probes = 0
-        not_connected: list[str] = []
-        for agent, checks in asked.items():
-            link = self._fleet.link(agent)
-            if link is None:
-                not_connected.append(agent)
-                continue
-            link.recheck(list(checks))
-            probes += len(checks)
-        if probes:
-            self._metrics.rechecks_requested(probes)
-        log.debug(
-            "second opinions asked",
-            checks=len({request.check for request in requests}),
-            agents=len(asked) - len(not_connected),
-            probes=probes,
-            not_connected=not_connected,
-        )
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def all_ended(self) -> None:
+        """Return once no agent stream is open (after ``drain``: once all have ended)."""
+        await self._none_open.wait()
 
     async def Connect(  # type: ignore[override]  # a coroutine writing via context.write
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Context
     ) -> None:
         peer = context.peer()
+        if self._draining is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._draining)
         messages = aiter(request_iterator)
         try:
             principal = self._auth.agent(
@@ -349,22 +350,22 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         stream_log: FilteringBoundLogger = log.bind(
             agent=hello.name, region=hello.region, instance_id=hello.instance_id
         )
-        stream = _AgentStream(self._checks, stream_log, self._limits)
+        state = self._state
+        stream = _AgentStream(state.checks, stream_log, self._limits, self._heartbeat_interval)
         session = self._auth.open_session(
             principal,
             lambda why: stream.end(why, grpc.StatusCode.UNAUTHENTICATED),
             capped=False,
         )
-        replaced = self._fleet.connect(hello, stream)
         self._metrics.stream_opened()
+        self._streams.add(stream)
+        self._none_open.clear()
         ending: _StreamEnd | None = None
         try:
-            self._recorder.record(
-                self._engine.agent_connected(hello.name, hello.region),
-                agent=hello.name,
-                region=hello.region,
-            )
-            last_seq = self._fleet.last_seq(hello.name, hello.instance_id)
+            # Welcome and the full assignments are queued here, synchronously with the
+            # fleet entry, so a reload can only queue its change after this full set.
+            replaced = state.agent_connected(hello, stream)
+            last_seq = state.fleet.last_seq(hello.name, hello.instance_id)
             stream_log.info(
                 "agent connected",
                 peer=peer,
@@ -375,19 +376,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 last_seq=last_seq,
                 replaced=replaced is not None,
             )
-            # Queued synchronously with the fleet entry, so a reload can only queue its
-            # change after this full set, never before it.
-            stream.send(
-                agent_pb2.CoordinatorMessage(
-                    welcome=agent_pb2.Welcome(
-                        coordinator_version=__version__,
-                        heartbeat_interval_ms=round(self._heartbeat_interval * 1000),
-                        last_seq=last_seq,
-                    )
-                )
-            )
-            stream.assign_all()
-            self.send_rechecks()  # after Welcome: an agent hears nothing before it
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._receive(hello, messages, stream, stream_log))
@@ -401,15 +389,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             # Synchronous on purpose: this also runs when the RPC is cancelled.
             self._auth.close_session(session)
             self._metrics.stream_closed()
+            self._streams.discard(stream)
+            if not self._streams:
+                self._none_open.set()
             if self._on_demand is not None:
                 self._on_demand.stream_ended(hello.name, stream)
-            if self._fleet.disconnect(hello.name, stream):
-                self._recorder.record(
-                    self._engine.agent_disconnected(hello.name),
-                    agent=hello.name,
-                    region=hello.region,
-                )
-                self.send_rechecks()
+            if state.agent_disconnected(hello, stream):
                 stream_log.info(
                     "agent disconnected", why=ending.details if ending else "stream cancelled"
                 )
@@ -440,7 +425,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 raise _StreamEnd(
                     grpc.StatusCode.UNAVAILABLE, "agent closed its side and stopped reading"
                 ) from None
-            self._fleet.seen(hello.name)
+            self._state.seen(hello.name)
             kind = message.WhichOneof("kind")
             wait = stream.messages.debit(1)
             if kind == "results":
@@ -451,10 +436,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 stream.throttled = False
                 stream_log.info("agent back within its message and result rates")
             if kind == "results":
-                seq = self._ingest(hello, message.results.results, stream_log)
-                stream.send(agent_pb2.CoordinatorMessage(ack=agent_pb2.ResultAck(seq=seq)))
-                self.send_rechecks()
+                self._state.results(hello, stream, message.results, stream_log)
             elif kind == "heartbeat":
+                self._state.heartbeat(hello, message.heartbeat.counters)
                 now_us = round(self._clock() * _US)
                 stream.send(
                     agent_pb2.CoordinatorMessage(heartbeat=agent_pb2.Heartbeat(sent_unix_us=now_us))
@@ -483,7 +467,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 wait=round(wait, 3),
                 message_rate=self._limits.agent_message_rate,
                 result_rate=round(
-                    self._limits.result_rate(self._checks.scheduled_rate, len(self._checks))[0],
+                    self._limits.result_rate(
+                        self._state.checks.scheduled_rate, len(self._state.checks)
+                    )[0],
                     1,
                 ),
             )
@@ -496,72 +482,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 stream.send(
                     agent_pb2.CoordinatorMessage(heartbeat=agent_pb2.Heartbeat(sent_unix_us=now_us))
                 )
-
-    def _ingest(
-        self,
-        hello: AgentHello,
-        results: Sequence[agent_pb2.ProbeResult],
-        stream_log: FilteringBoundLogger,
-    ) -> int:
-        """Fold a batch into the engine; returns the highest sequence number handled.
-
-        A sequence number at or below the highest handled is a replay, dropped as a
-        duplicate before anything else is looked at.
-        """
-        started = time.perf_counter()
-        name = hello.name
-        assigned = self._checks.names()  # a set-like view: `in` without a method call
-        observe = self._engine.observe
-        handled = self._fleet.last_seq(name, hello.instance_id)
-        ingested = 0
-        for message in results:
-            seq = message.seq
-            if 0 < seq <= handled:
-                self._metrics.result_dropped("duplicate")
-                stream_log.debug("result dropped", reason="duplicate", check=message.check, seq=seq)
-                continue
-            if seq > handled:
-                handled = seq
-            try:
-                result = result_from_pb(message)
-            except WireError as exc:
-                self._drop(stream_log, "invalid", message, error=str(exc))
-                continue
-            if result.check not in assigned:
-                self._drop(stream_log, "unassigned", message)
-                continue
-            try:
-                transitions = observe(name, result)
-            except ValueError as exc:
-                # The engine and the registry are updated together, so this is a bug; the
-                # result is still accounted for rather than lost silently.
-                self._drop(stream_log, "unassigned", message, error=str(exc))
-                continue
-            ingested += 1
-            if transitions:
-                self._recorder.record(transitions, agent=name, region=hello.region)
-        # Counted once per batch: per result, the label lookups cost more than the folding.
-        if ingested:
-            self._fleet.count_result(name, ingested)
-        self._metrics.results_ingested(hello.region, ingested, started)
-        self._fleet.advance_seq(name, hello.instance_id, handled)
-        return handled
-
-    def _drop(
-        self,
-        stream_log: FilteringBoundLogger,
-        reason: str,
-        message: agent_pb2.ProbeResult,
-        **fields: object,
-    ) -> None:
-        self._metrics.result_dropped(reason)
-        stream_log.warning(
-            "result dropped",
-            reason=reason,
-            check=message.check[:MAX_FIELD],
-            seq=message.seq,
-            **fields,
-        )
 
 
 def _hello_from_pb(message: agent_pb2.Hello) -> AgentHello:

@@ -383,6 +383,8 @@ class _EventStream:
                     continue
                 try:
                     transition = pending.result()
+                except StopAsyncIteration:
+                    return  # the coordinator is stopping: a clean end
                 except (WatcherOverflow, ReplayGone) as exc:
                     body = json.dumps(error_body(watch_end_code(exc), str(exc)))
                     await response.write(f"event: error\ndata: {body}\n\n".encode())

@@ -450,6 +450,7 @@ class _Check:
         "name",
         "next_expiry",
         "pending",
+        "restored_until",
         "round_deadline",
         "settings",
         "stale",
@@ -489,6 +490,9 @@ class _Check:
         self.stale = 0  # connected agents' stale views, as of the last evaluation
         # Failed results folded, by the agent's region and the failure class.
         self.failures: dict[tuple[str, FailureClass], int] = {}
+        # The verdict is a restored one (``restore``), kept while the views cannot say
+        # anything (unknown) until this time; -inf: not restored.
+        self.restored_until = -math.inf
 
     def settle(self) -> None:
         """End the episode of second opinions, if any."""
@@ -586,6 +590,7 @@ class VerdictEngine:
         self._longest_window = 0.0
         self._requests: list[ProbeNow] = []
         self._canaries: set[str] = set()  # names of the canary checks
+        self._restored: set[str] = set()  # checks whose verdict is still a restored one
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -605,6 +610,7 @@ class VerdictEngine:
             specs[spec.name] = spec
         now = self._clock()
         for name in [name for name in self._checks if name not in specs]:
+            self._restored.discard(name)
             for view in self._checks.pop(name).views.values():
                 view.agent.checks.discard(name)
                 if view.failing:
@@ -627,6 +633,29 @@ class VerdictEngine:
         self._longest_window = max((check.window for check in self._checks.values()), default=0.0)
         self._canaries = {name for name, spec in specs.items() if spec.canary}
         return transitions
+
+    def restore(self, verdicts: Iterable[Verdict], grace: float) -> int:
+        """Start checks from the verdicts a previous life of the coordinator reached (its
+        store's), marked ``unconfirmed``; returns how many were restored.
+
+        Only checks in the set that no result has reached yet are restored, and never
+        to ``unknown``. A restored verdict stays while the check's views cannot say
+        anything yet (too few agents back), with no transition; the first evaluation
+        that reaches a state replaces it (a transition only if the state differs), and
+        if none has by the check's staleness window plus ``grace`` (time for the agents
+        to reconnect), the check goes ``unknown`` with a transition as it would have.
+        """
+        now = self._clock()
+        restored = 0
+        for verdict in verdicts:
+            check = self._checks.get(verdict.check)
+            if check is None or check.views or verdict.state is VerdictState.UNKNOWN:
+                continue
+            check.verdict = dataclasses.replace(verdict, unconfirmed=True)
+            check.restored_until = now + check.window + grace
+            self._restored.add(check.name)
+            restored += 1
+        return restored
 
     def agent_connected(self, agent: str, region: str) -> list[Transition]:
         """An agent's stream is up. Its views that are still fresh count again at once.
@@ -732,11 +761,33 @@ class VerdictEngine:
         self._collect(transitions, check, now)
         return transitions
 
+    def observe_late(self, region: str, result: ProbeResult) -> None:
+        """A result too old for the live verdict (older than its check's staleness
+        window: replayed after an outage): counted in the check's failures by ``region``
+        and nothing else. ValueError when the check is unknown."""
+        check = self._checks.get(result.check)
+        if check is None:
+            raise ValueError(f"result for unknown check {result.check!r}")
+        failure = result.outcome.failure
+        if failure is not None:
+            counted = (region, failure)
+            check.failures[counted] = check.failures.get(counted, 0) + 1
+
+    def stale_window(self, check: str) -> float:
+        """How long a result of ``check`` counts for its verdict, seconds (the check's
+        staleness window); inf for a check not in the set."""
+        state = self._checks.get(check)
+        return math.inf if state is None else state.window
+
     def tick(self) -> list[Transition]:
         """Re-evaluate the checks where a view has gone stale since their last evaluation,
-        and forget disconnected agents whose views have all expired."""
+        and restored ones whose time to be confirmed is over, and forget disconnected
+        agents whose views have all expired."""
         now = self._clock()
         transitions: list[Transition] = []
+        if self._restored:
+            for name in sorted(n for n in self._restored if self._checks[n].restored_until < now):
+                self._collect(transitions, self._checks[name], now)
         for name in sorted(
             n for n, c in self._checks.items() if c.pending and c.round_deadline < now
         ):
@@ -955,6 +1006,11 @@ class VerdictEngine:
         check.dirty = False
         evaluation, check.next_expiry = self._evaluate(check, now)
         check.stale = evaluation.stale
+        if check.restored_until > -math.inf:
+            if evaluation.state is VerdictState.UNKNOWN and now <= check.restored_until:
+                return None  # nothing to confirm or refute it with yet
+            check.restored_until = -math.inf
+            self._restored.discard(check.name)
         previous = check.verdict.state
         changed = evaluation.state is not previous
         check.verdict = Verdict(

@@ -5,24 +5,25 @@ says Hello and then kept (connected or not) for the life of the process, so ``va
 agents`` still lists an agent that went away. At most one stream per name is live: a new
 stream with the same name replaces the old one, which is told to end.
 
-Sequence numbers are kept per agent *instance* (one agent process): a reconnect of the
-same process resumes after the highest number already handled, a restarted process starts
-its own sequence.
+Sequence numbers are kept per agent *instance* (an agent's spool: its id and numbering
+survive the agent's restarts): a reconnect resumes after the highest number already
+handled. The records survive the coordinator's own restarts through the store
+(``AgentLedger``; restored as disconnected).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .registry import CheckChange
 
-# A reconnecting process keeps its instance id; a restart gets a new one. The last few are
-# enough to recognise replays after a restart, and the bound keeps a flapping agent from
-# growing the map without end.
+# An agent keeps its instance id while its spool lives; a new spool (or a memory-only
+# agent's restart) gets a new one. The last few are enough to recognise replays, and the
+# bound keeps a flapping agent from growing the map without end.
 INSTANCES_KEPT = 8
 
 
@@ -64,6 +65,28 @@ class AgentInfo:
     last_seen: float  # wall-clock seconds of the last message from the agent
     results_received: int
     impaired: bool = False  # judged by the verdict engine (see AgentFleet.agents)
+    # As the agent last reported them (AgentCounters), cumulative: results its spool
+    # dropped when full, runs its scheduler skipped as overloaded.
+    results_dropped: int = 0
+    runs_skipped: int = 0
+    # Results that arrived older than their check's staleness window (replayed from the
+    # spool after an outage): in history and failure counts, not in the live verdict.
+    results_late: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLedger:
+    """What the coordinator keeps of an agent across its own restarts (the store's
+    ``agents`` table): who it is, what it reported, and the highest sequence number
+    handled per instance, so that a replay after a restart is still recognised."""
+
+    hello: AgentHello
+    last_seen: float
+    results_received: int
+    results_dropped: int
+    runs_skipped: int
+    results_late: int
+    last_seq: tuple[tuple[str, int], ...]  # (instance id, seq), oldest instance first
 
 
 @dataclass(slots=True)
@@ -73,6 +96,9 @@ class _AgentRecord:
     last_seen: float
     link: AgentLink | None
     results_received: int = 0
+    results_dropped: int = 0
+    runs_skipped: int = 0
+    results_late: int = 0
     last_seq: OrderedDict[str, int] = field(default_factory=OrderedDict)
 
 
@@ -133,8 +159,50 @@ class AgentFleet:
         while len(seqs) > INSTANCES_KEPT:
             seqs.popitem(last=False)
 
-    def count_result(self, name: str, count: int = 1) -> None:
-        self._agents[name].results_received += count
+    def count_result(self, name: str, count: int = 1, late: int = 0) -> None:
+        """``count`` results of the agent ingested, ``late`` of them too old for the live
+        verdict."""
+        record = self._agents[name]
+        record.results_received += count
+        record.results_late += late
+
+    def report(self, name: str, results_dropped: int, runs_skipped: int) -> None:
+        """The agent's own counters, as its latest batch or heartbeat carried them."""
+        record = self._agents.get(name)
+        if record is not None:
+            record.results_dropped = results_dropped
+            record.runs_skipped = runs_skipped
+
+    def ledger(self, name: str) -> AgentLedger:
+        record = self._agents[name]
+        return AgentLedger(
+            hello=record.hello,
+            last_seen=record.last_seen,
+            results_received=record.results_received,
+            results_dropped=record.results_dropped,
+            runs_skipped=record.runs_skipped,
+            results_late=record.results_late,
+            last_seq=tuple(record.last_seq.items()),
+        )
+
+    def restore(self, ledgers: Iterable[AgentLedger]) -> None:
+        """Know these agents again, as disconnected (a restarted coordinator's fleet):
+        listed by ``vantage agents``, their replays recognised when they reconnect.
+        Agents already known are left as they are."""
+        for ledger in ledgers:
+            if ledger.hello.name in self._agents:
+                continue
+            self._agents[ledger.hello.name] = _AgentRecord(
+                ledger.hello,
+                connected_since=None,
+                last_seen=ledger.last_seen,
+                link=None,
+                results_received=ledger.results_received,
+                results_dropped=ledger.results_dropped,
+                runs_skipped=ledger.runs_skipped,
+                results_late=ledger.results_late,
+                last_seq=OrderedDict(ledger.last_seq[-INSTANCES_KEPT:]),
+            )
 
     def get(self, name: str) -> AgentInfo | None:
         record = self._agents.get(name)
@@ -181,4 +249,7 @@ def _info(record: _AgentRecord) -> AgentInfo:
         connected_since=record.connected_since,
         last_seen=record.last_seen,
         results_received=record.results_received,
+        results_dropped=record.results_dropped,
+        runs_skipped=record.runs_skipped,
+        results_late=record.results_late,
     )

@@ -39,6 +39,11 @@ series grow with the fleet):
 - ``vantage_agent_connected{agent,region}``, ``vantage_agent_impaired{agent,region}``,
   ``vantage_agent_last_seen_timestamp_seconds{agent,region}``,
   ``vantage_agent_results_received_total{agent,region}``.
+- ``vantage_agents_results_dropped_total{region}``, ``vantage_agents_runs_skipped_total``,
+  ``vantage_agents_results_late_total``: what the region's agents last reported of their
+  spool drops and skipped runs (``AgentCounters``, cumulative per agent, so a new spool
+  resets its share), and results that arrived too old for the live verdict; the same per
+  agent (``vantage_agent_*_total{agent,region}``) with ``per_agent_metrics``.
 
 The coordinator's own health, counted as things happen:
 
@@ -379,7 +384,26 @@ _FLEET_FAMILIES = frozenset(
         "vantage_agent_impaired",
         "vantage_agent_last_seen_timestamp_seconds",
         "vantage_agent_results_received_total",
+        *(
+            f"vantage_agents_{name}_total"
+            for name in ("results_dropped", "runs_skipped", "results_late")
+        ),
+        *(
+            f"vantage_agent_{name}_total"
+            for name in ("results_dropped", "runs_skipped", "results_late")
+        ),
     }
+)
+# What agents report of themselves, and results that came too late for the live verdict:
+# (field of AgentInfo, help text), summed per region and, with per_agent_metrics, per agent.
+_AGENT_COUNTS = (
+    ("results_dropped", "Results agents' spools dropped when full (oldest first), as reported"),
+    ("runs_skipped", "Scheduled probe runs agents skipped when overloaded, as reported"),
+    (
+        "results_late",
+        "Results that arrived older than their check's staleness window (replayed after an "
+        "outage): in the failure counts, not the live verdict",
+    ),
 )
 _HEADERS = {
     "verdict": _family(
@@ -434,6 +458,16 @@ _HEADERS = {
         "Connected agents the verdict engine judges impaired (failing most of their checks "
         "while peers see them work), by region.",
     ),
+    **{
+        f"agents_{name}": _family(f"vantage_agents_{name}_total", "counter", f"{text}, by region.")
+        for name, text in _AGENT_COUNTS
+    },
+    **{
+        f"agent_{name}": _family(
+            f"vantage_agent_{name}_total", "counter", f"{text} (per_agent_metrics only)."
+        )
+        for name, text in _AGENT_COUNTS
+    },
     "agent_connected": _family(
         "vantage_agent_connected",
         "gauge",
@@ -572,8 +606,24 @@ class StateExposition:
                 lines.append(
                     f'vantage_agents_{header}{{region="{_value(region)}"}} {counts[index]}.0\n'
                 )
+        for name, _ in _AGENT_COUNTS:
+            sums: dict[str, int] = {}
+            for agent in agents:
+                sums[agent.region] = sums.get(agent.region, 0) + getattr(agent, name)
+            family = f"vantage_agents_{name}_total"
+            out[family] = [_HEADERS[f"agents_{name}"]] + [
+                f'{family}{{region="{_value(region)}"}} {count}.0\n'
+                for region, count in sorted(sums.items())
+            ]
         if not self._per_agent:
             return
+        for name, _ in _AGENT_COUNTS:
+            family = f"vantage_agent_{name}_total"
+            out[family] = [_HEADERS[f"agent_{name}"]] + [
+                f'{family}{{agent="{_value(agent.name)}",region="{_value(agent.region)}"}} '
+                f"{getattr(agent, name)}.0\n"
+                for agent in agents
+            ]
         connected = [_HEADERS["agent_connected"]]
         impaired = [_HEADERS["agent_impaired"]]
         seen = [_HEADERS["agent_seen"]]

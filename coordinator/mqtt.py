@@ -122,6 +122,7 @@ FLEET_POLL = 1.0
 SWEEP_QUIET = 0.5  # retained messages come right after SUBACK; this much silence ends them
 SWEEP_MAX = 5.0
 STOP_GRACE = 1.0  # for "offline" on a clean stop
+FLUSH_POLL = 0.05  # while a stopping coordinator waits for the broker to take the rest
 CATCH_UP_PAGE = 256
 ONLINE = b"online"
 OFFLINE = b"offline"
@@ -498,6 +499,22 @@ class MqttPublisher:
             tasks.create_task(self._follow_transitions())
             tasks.create_task(self._follow_fleet())
             tasks.create_task(self._stay_connected())
+
+    async def flush(self, within: float) -> bool:
+        """Wait until every transition recorded so far is acknowledged by the broker and
+        every retained topic is up to date, for at most ``within`` seconds; False when
+        something is still waiting then (or the broker is away: it stays queued, and is
+        lost with the process)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while self._taken < self._history.last_id or len(self.queue) or self._dirty:
+                    if not self._connected:
+                        return False
+                    # Polled: what is left is spread over the feed, the queue, the broker's
+                    # acknowledgements and the retained topics; this runs once, at a stop.
+                    await asyncio.sleep(FLUSH_POLL)
+                return True
+        return False
 
     def checks_changed(self, change: CheckChange) -> None:
         """A new check set was applied: removed checks' verdicts are cleared, new and

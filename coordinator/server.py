@@ -73,6 +73,7 @@ from .mqtt import MqttPublisher
 from .ondemand import OnDemandChecks
 from .query_service import QueryService
 from .registry import CheckRegistry
+from .state import CoordinatorState
 from .store import TransitionStore
 from .tokens import Scope, TokenRegistry
 from .transitions import TransitionFeed, TransitionLog, TransitionRecorder
@@ -83,6 +84,9 @@ TICK_INTERVAL = 1.0
 # Half a second: a revoked token's streams end within a second.
 RELOAD_POLL_INTERVAL = 0.5
 GRPC_GRACE = 2.0
+# A SIGTERM's drain ends within this (systemd's TimeoutStopSec is twice it), GRPC_GRACE
+# for the open calls included.
+DRAIN_TIMEOUT = 10.0
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Agents sit behind NAT and cheap links: pings keep idle streams open through middleboxes
 # and let the server notice a peer that vanished without closing its connection.
@@ -139,6 +143,12 @@ class GrpcEndpoint:
         self._gate = gate
         self._limits = limits
         self._credentials = credentials
+        self._health: HealthServicer | None = None
+
+    async def not_serving(self) -> None:
+        """Report NOT_SERVING for every service from now on (a drain has begun)."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
 
     async def run(self) -> None:
         server = grpc.aio.server(
@@ -148,7 +158,7 @@ class GrpcEndpoint:
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agents, server)
         query_pb2_grpc.add_QueryServiceServicer_to_server(self._queries, server)
-        health = HealthServicer()
+        health = self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             (AGENT_SERVICE, QUERY_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
@@ -226,9 +236,16 @@ class Coordinator:
         self.transitions = TransitionLog(
             TransitionStore.open(config.store_file, retention=config.history_retention, clock=clock)
         )
-        feed = TransitionFeed(self.metrics)
-        self._recorder = TransitionRecorder(self.transitions, feed, self.metrics)
-        self._recorder.record(self.engine.set_checks(checks))
+        self.feed = feed = TransitionFeed(self.metrics)
+        self.state = CoordinatorState(
+            engine=self.engine,
+            fleet=self.fleet,
+            checks=self.checks,
+            recorder=TransitionRecorder(self.transitions, feed, self.metrics),
+            store=self.transitions.store,
+            metrics=self.metrics,
+        )
+        self.state.restore()
         self.certificates: ServerCertificates | None = None
         if (tls := config.server_tls) is not None:
             try:
@@ -245,11 +262,8 @@ class Coordinator:
             clock=clock,
         )
         self._agents = AgentService(
-            engine=self.engine,
-            fleet=self.fleet,
-            checks=self.checks,
+            state=self.state,
             authenticator=self.authenticator,
-            recorder=self._recorder,
             metrics=self.metrics,
             heartbeat_interval=config.heartbeat_interval,
             limits=config.limits,
@@ -309,6 +323,12 @@ class Coordinator:
         self.started = asyncio.Event()
         self.bound_ports: BoundPorts | None = None
         self._ran = False
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Drain and stop (what SIGTERM does): ``run()`` returns within DRAIN_TIMEOUT
+        plus GRPC_GRACE. Cancelling ``run()`` instead stops at once, without a drain."""
+        self._stop.set()
 
     async def run(self) -> None:
         """Serve until cancelled. ``ListenError`` when an address cannot be bound."""
@@ -317,16 +337,22 @@ class Coordinator:
         self._ran = True
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._grpc.run())
-                tasks.create_task(self._http.run())
-                tasks.create_task(self._announce())
-                tasks.create_task(self._tick())
-                tasks.create_task(self._watch_files())
-                tasks.create_task(self.transitions.store.run())
+                parts = [
+                    tasks.create_task(self._grpc.run()),
+                    tasks.create_task(self._http.run()),
+                    tasks.create_task(self._announce()),
+                    tasks.create_task(self._tick()),
+                    tasks.create_task(self._watch_files()),
+                    tasks.create_task(self.transitions.store.run()),
+                ]
                 if self.certificates is not None:
-                    tasks.create_task(self.certificates.run())
+                    parts.append(tasks.create_task(self.certificates.run()))
                 if self.mqtt is not None:
-                    tasks.create_task(self.mqtt.run())
+                    parts.append(tasks.create_task(self.mqtt.run()))
+                await self._stop.wait()
+                await self._drain()
+                for part in parts:
+                    part.cancel()
         except ExceptionGroup as group:
             # A bind failure is an operator's problem with one clear line: raise it bare.
             for error in _leaves(group):
@@ -336,6 +362,36 @@ class Coordinator:
         finally:
             self.transitions.store.close()
             log.info("coordinator stopped")
+
+    async def _drain(self) -> None:
+        """Stop taking part, in order: verdicts stop moving (everything is about to
+        leave), health says NOT_SERVING, every agent stream ends with UNAVAILABLE (its
+        agent reconnects with backoff, to this coordinator once it is back, having
+        spooled meanwhile) and new ones are refused, clients' watches end cleanly, and
+        MQTT gets what is queued, all within DRAIN_TIMEOUT; the store is committed."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + DRAIN_TIMEOUT
+        log.info("coordinator draining", timeout_s=DRAIN_TIMEOUT)
+        self.state.stop()
+        await self._grpc.not_serving()
+        agents = self._agents.drain("coordinator shutting down: reconnect later")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._agents.all_ended()
+        watchers = self.feed.close_watchers()
+        mqtt_flushed = None
+        if self.mqtt is not None:
+            mqtt_flushed = await self.mqtt.flush(max(0.0, deadline - loop.time()))
+        self.transitions.store.flush()
+        log.info(
+            "coordinator drained",
+            agents=agents,
+            agents_left=self._agents.open_streams,
+            watchers=watchers,
+            mqtt_flushed=mqtt_flushed,
+            seconds=round(loop.time() - started, 3),
+        )
 
     def reload_checks(self) -> bool:
         """Re-read the checks file and apply it; False when there is none or it is invalid.
@@ -399,15 +455,11 @@ class Coordinator:
             self.metrics.tls_serving(self.certificates.not_after)
 
     def _apply(self, checks: tuple[AnyCheck, ...]) -> None:
-        change = self.checks.change_to(checks)
+        change = self.state.set_checks(checks)
         if not change:
             self.metrics.checks_reloaded("unchanged")
             log.info("checks file reloaded, no change", checks=len(checks))
             return
-        transitions = self.engine.set_checks(checks)
-        self.checks.replace(checks)
-        for name in change.removed:
-            self.metrics.forget_check(name)
         self.metrics.checks_reloaded("applied")
         log.info(
             "checks reloaded",
@@ -415,11 +467,8 @@ class Coordinator:
             upserted=[check.name for check in change.upserts],
             removed=list(change.removed),
         )
-        self._recorder.record(transitions)
         if self.mqtt is not None:
             self.mqtt.checks_changed(change)
-        self._agents.push_assignments(change)
-        self._agents.send_rechecks()
 
     def _health(self) -> dict[str, object]:
         return {
@@ -478,10 +527,7 @@ class Coordinator:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_INTERVAL)
-            started = time.perf_counter()
-            self._recorder.record(self.engine.tick())
-            self.metrics.engine_ticked(time.perf_counter() - started)
-            self._agents.send_rechecks()
+            self.state.tick()
 
     async def _watch_files(self) -> None:
         """Reload the checks and tokens files on SIGHUP and when they change."""

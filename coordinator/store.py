@@ -1,16 +1,29 @@
-"""The transition store: every recorded verdict transition, kept for ``history_retention``.
+"""The coordinator's store: every recorded verdict transition, kept for
+``history_retention``, and what a restarted coordinator resumes from.
 
-One SQLite table (stdlib ``sqlite3``) in ``store_file``, or in memory when no file is
-configured (then the history and the transition ids start afresh with each coordinator
-life, and at most the newest ``MEMORY_ROWS`` transitions are kept: about 440 bytes each,
-so 44 MB at most, whatever the retention). With a file both survive a restart: ids go on
-from the highest ever recorded, even when retention has pruned every row, so replicas and
-MQTT consumers can keep de-duplicating transitions by id.
+SQLite (stdlib ``sqlite3``) in ``store_file``, or in memory when no file is configured.
+Tables (schema version ``_SCHEMA_VERSION``, migrated in place at start, ``_MIGRATIONS``;
+a file from newer code is refused with one line rather than misread):
+
+- ``transitions``: the history, one row per transition.
+- ``verdicts``: each check's latest verdict (written with its transition, so it outlives
+  the history's retention): the starting point a restart restores, flagged unconfirmed.
+- ``agents``: the fleet it knew, with each agent's counters and the highest sequence
+  number handled per agent instance (``AgentLedger``), saved before a batch is
+  acknowledged, so a replayed batch is recognised after a restart and never counted twice.
+
+Without a file the history, the transition ids and the restore point start afresh with
+each coordinator life, and at most the newest ``MEMORY_ROWS`` transitions are kept
+(about 440 bytes each, so 44 MB at most, whatever the retention). With a file they
+survive a restart: ids go on from the highest ever recorded, even when retention has
+pruned every row, so replicas and MQTT consumers can keep de-duplicating transitions by id.
 
 Lifecycle::
 
     store = TransitionStore.open(path, retention=RETENTION)   # ConfigError: one line
     store.add(recorded)       # on the event loop; cheap enough for the ingest path
+    store.save_agent(ledger)  # the same, once per batch an agent sends
+    store.latest(), store.agents()   # what a restart restores (coordinator.state)
     await store.run()         # prunes, every PRUNE_EVERY at most, what retention drops
     store.close()             # commits and releases the file
 
@@ -48,6 +61,7 @@ from vantage.configfile import ConfigError
 from vantage.logs import get_logger
 from vantage.results import FailureClass
 
+from .fleet import AgentHello, AgentLedger
 from .verdicts import RegionState, RegionView, Transition, Verdict, VerdictState
 
 log = get_logger("coordinator.store")
@@ -60,22 +74,59 @@ MEMORY_ROWS = 100_000
 MEMORY_PRUNE_EVERY = 60.0
 PRUNE_CHUNK = 2000  # rows deleted per statement, so a large prune never holds the loop long
 _APPLICATION_ID = 0x56544731  # "VTG1": tells our files from other SQLite databases
-_SCHEMA_VERSION = 1
-_SCHEMA = (
-    """CREATE TABLE transitions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the transition id; AUTOINCREMENT keeps
-                                               -- the highest ever used (sqlite_sequence)
-        check_name TEXT NOT NULL,
-        at REAL NOT NULL,                      -- wall-clock seconds
-        previous TEXT,                         -- null for a check's first verdict
-        state TEXT NOT NULL,
-        verdict TEXT NOT NULL  -- the evidence, a JSON array (see _encode)
-    )""",
-    "CREATE INDEX transitions_check_at ON transitions (check_name, at)",
-    "CREATE INDEX transitions_at ON transitions (at)",
-    f"PRAGMA application_id = {_APPLICATION_ID}",
-)
+_SCHEMA_VERSION = 2
+# What each schema version adds, applied in order to a file of an older version (and all
+# of them to a new file), inside the transaction that sets the version.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE transitions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the transition id; AUTOINCREMENT
+                                                   -- keeps the highest ever used
+            check_name TEXT NOT NULL,
+            at REAL NOT NULL,                      -- wall-clock seconds
+            previous TEXT,                         -- null for a check's first verdict
+            state TEXT NOT NULL,
+            verdict TEXT NOT NULL  -- the evidence, a JSON array (see _encode)
+        )""",
+        "CREATE INDEX transitions_check_at ON transitions (check_name, at)",
+        "CREATE INDEX transitions_at ON transitions (at)",
+        f"PRAGMA application_id = {_APPLICATION_ID}",
+    ),
+    # Version 2: what a restarted coordinator resumes from. Each check's latest verdict
+    # (a transition's, so it outlives the history's retention), and the agents it knew
+    # with the highest sequence number handled per agent instance.
+    2: (
+        """CREATE TABLE verdicts (
+            check_name TEXT PRIMARY KEY,
+            transition_id INTEGER NOT NULL,
+            at REAL NOT NULL,
+            previous TEXT,
+            state TEXT NOT NULL,
+            verdict TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        """INSERT INTO verdicts SELECT check_name, id, at, previous, state, verdict
+            FROM transitions WHERE id IN (SELECT max(id) FROM transitions GROUP BY check_name)""",
+        """CREATE TABLE agents (
+            name TEXT PRIMARY KEY,
+            region TEXT NOT NULL,
+            version TEXT NOT NULL,
+            capabilities TEXT NOT NULL,  -- JSON array
+            instances TEXT NOT NULL,     -- JSON array of [instance id, last seq], oldest first
+            last_seen REAL NOT NULL,
+            results_received INTEGER NOT NULL,
+            results_dropped INTEGER NOT NULL,
+            runs_skipped INTEGER NOT NULL,
+            results_late INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+    ),
+}
 _COLUMNS = "id, check_name, at, previous, state, verdict"
+_SIX = "?, ?, ?, ?, ?, ?"
+_VERDICT_COLUMNS = "transition_id, check_name, at, previous, state, verdict"
+_AGENT_COLUMNS = (
+    "name, region, version, capabilities, instances, last_seen, results_received, "
+    "results_dropped, runs_skipped, results_late"
+)
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one a call
 
 
@@ -151,37 +202,84 @@ class TransitionStore:
     # -- writing ----------------------------------------------------------------------------
 
     def add(self, recorded: RecordedTransition) -> None:
-        """Keep ``recorded``; committed at the end of this event-loop iteration."""
-        if self._closed:
-            return
+        """Keep ``recorded`` (and make it its check's latest verdict); committed at the
+        end of this event-loop iteration."""
         transition = recorded.transition
+        row = (
+            recorded.id,
+            transition.check,
+            transition.at,
+            None if transition.previous is None else transition.previous.value,
+            transition.verdict.state.value,
+            _encode(transition.verdict),
+        )
+        if self._write(
+            (f"INSERT INTO transitions ({_COLUMNS}) VALUES ({_SIX})", row),
+            (f"INSERT OR REPLACE INTO verdicts ({_VERDICT_COLUMNS}) VALUES ({_SIX})", row),
+            first=recorded.id,
+        ):
+            self.last_id = max(self.last_id, recorded.id)
+
+    def save_agent(self, ledger: AgentLedger) -> None:
+        """Keep what is known of an agent, replacing what was; committed with the rest at
+        the end of this event-loop iteration, so before the acknowledgement of the batch
+        that moved its sequence number goes out."""
+        hello = ledger.hello
+        self._write(
+            (
+                f"INSERT OR REPLACE INTO agents ({_AGENT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    hello.name,
+                    hello.region,
+                    hello.version,
+                    _ENCODER.encode(hello.capabilities),
+                    _ENCODER.encode(ledger.last_seq),
+                    ledger.last_seen,
+                    ledger.results_received,
+                    ledger.results_dropped,
+                    ledger.runs_skipped,
+                    ledger.results_late,
+                ),
+            ),
+        )
+
+    def forget_verdicts(self, checks: Collection[str]) -> None:
+        """Checks that left the check set: a later check of the same name starts afresh."""
+        if checks:
+            self._write(
+                (
+                    f"DELETE FROM verdicts WHERE check_name IN ({', '.join('?' * len(checks))})",
+                    tuple(checks),
+                )
+            )
+
+    def _write(self, *statements: tuple[str, tuple[Any, ...]], first: int | None = None) -> bool:
+        """Run ``statements`` in the open transaction (begun if none is) and see that it
+        commits at the end of this event-loop iteration; False when the write failed
+        (logged). ``first``: the transition id the failure log names."""
+        if self._closed:
+            return False
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN")
-                self._first_uncommitted = recorded.id
-            self._db.execute(
-                f"INSERT INTO transitions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    recorded.id,
-                    transition.check,
-                    transition.at,
-                    None if transition.previous is None else transition.previous.value,
-                    transition.verdict.state.value,
-                    _encode(transition.verdict),
-                ),
-            )
+                self._first_uncommitted = first
+            elif self._first_uncommitted is None:
+                self._first_uncommitted = first
+            for sql, parameters in statements:
+                self._db.execute(sql, parameters)
         except sqlite3.Error as exc:
-            self._failed(exc, recorded.id)
-            return
-        self.last_id = max(self.last_id, recorded.id)
+            self._failed(exc, first if first is not None else self._first_uncommitted)
+            return False
         if not self._commit_scheduled:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 self.flush()
-                return
+                return True
             self._commit_scheduled = True
             loop.call_soon(self.flush)
+        return True
 
     def flush(self) -> None:
         """Commit what ``add`` has written (it is called for you; this is for tests and
@@ -308,6 +406,39 @@ class TransitionStore:
         truncated = len(rows) > limit
         return [_decode(row) for row in reversed(rows[:limit])], truncated
 
+    def latest(self) -> list[RecordedTransition]:
+        """Each check's latest transition, whose verdict is the check's last known one
+        (kept whatever the retention), in check-name order."""
+        rows = self._db.execute(
+            f"SELECT {_VERDICT_COLUMNS} FROM verdicts ORDER BY check_name"
+        ).fetchall()
+        return [_decode(row) for row in rows]
+
+    def agents(self) -> list[AgentLedger]:
+        """Every agent the store knows, by name."""
+        ledgers: list[AgentLedger] = []
+        for row in self._db.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY name"):
+            name, region, version, capabilities, instances, last_seen, *counts = row
+            received, dropped, skipped, late = (int(count) for count in counts)
+            ledgers.append(
+                AgentLedger(
+                    hello=AgentHello(
+                        name=name,
+                        region=region,
+                        version=version,
+                        capabilities=tuple(json.loads(capabilities)),
+                        instance_id=(json.loads(instances) or [[""]])[-1][0],
+                    ),
+                    last_seen=float(last_seen),
+                    results_received=received,
+                    results_dropped=dropped,
+                    runs_skipped=skipped,
+                    results_late=late,
+                    last_seq=tuple((str(i), int(seq)) for i, seq in json.loads(instances)),
+                )
+            )
+        return ledgers
+
     def recent(self, limit: int) -> list[RecordedTransition]:
         """The newest ``limit`` kept transitions, oldest first."""
         rows = self._db.execute(
@@ -326,12 +457,13 @@ def _prepare(connection: sqlite3.Connection, where: str) -> None:
     ).fetchone()[0]
     if application_id != _APPLICATION_ID and (application_id != 0 or tables):
         raise ConfigError(f"store_file {where}: a SQLite database of another program")
+    version = 0
     if application_id == _APPLICATION_ID:
         version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version != _SCHEMA_VERSION:
+        if version > _SCHEMA_VERSION:
             raise ConfigError(
-                f"store_file {where}: store version {version}, this coordinator "
-                f"reads version {_SCHEMA_VERSION}"
+                f"store_file {where}: store version {version} is newer than this "
+                f"coordinator's ({_SCHEMA_VERSION}): run the newer coordinator"
             )
         problems = [row[0] for row in connection.execute("PRAGMA quick_check(1)")]
         if problems != ["ok"]:
@@ -340,9 +472,11 @@ def _prepare(connection: sqlite3.Connection, where: str) -> None:
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.execute("BEGIN IMMEDIATE")  # fails here on a read-only or locked file
     try:
-        if application_id == 0:
-            for statement in _SCHEMA:
+        for step in range(version + 1, _SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
                 connection.execute(statement)
+        if version and version < _SCHEMA_VERSION:
+            log.info("store migrated", store=where, version=_SCHEMA_VERSION, was=version)
         # A write even when nothing is new: proves the file writable and takes the lock.
         connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         connection.execute("COMMIT")

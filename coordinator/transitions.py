@@ -77,8 +77,8 @@ class Watcher:
     (only those of ``checks``, when given).
 
     Iteration raises ``WatcherOverflow`` once the watcher has fallen ``capacity``
-    transitions behind; it never ends otherwise. Use as a context manager so it is
-    unsubscribed however the watching ends.
+    transitions behind; it ends only once ``close``d (the coordinator is stopping). Use
+    as a context manager so it is unsubscribed however the watching ends.
     """
 
     def __init__(
@@ -94,6 +94,8 @@ class Watcher:
         self._queue: asyncio.Queue[RecordedTransition] = asyncio.Queue(maxsize=capacity)
         self._checks = checks
         self.overflowed = False
+        self.closed = False
+        self._woken = asyncio.Event()
 
     def __enter__(self) -> Watcher:
         return self
@@ -101,19 +103,26 @@ class Watcher:
     def __exit__(self, *exc_info: object) -> None:
         self._feed.unsubscribe(self)
 
+    def close(self) -> None:
+        """End the iteration cleanly once what is queued has been read (the coordinator
+        is stopping)."""
+        self.closed = True
+        self._woken.set()
+
     def offer(self, recorded: RecordedTransition) -> bool:
         """Queue without blocking; False (and the watcher is cut off) when full."""
-        if self.overflowed:
+        if self.overflowed or self.closed:
             return False
         if self._checks and recorded.transition.check not in self._checks:
             return True
         try:
             self._queue.put_nowait(recorded)
         except asyncio.QueueFull:
-            # No reader can be blocked in get() on a full queue: the reader sees the flag
-            # when it comes back for the next transition.
+            # No reader can be blocked on a full queue: the reader sees the flag when it
+            # comes back for the next transition.
             self.overflowed = True
             return False
+        self._woken.set()
         return True
 
     def __aiter__(self) -> Watcher:
@@ -124,7 +133,12 @@ class Watcher:
             raise WatcherOverflow(
                 f"watcher fell {self._queue.maxsize} transitions behind and was cut off"
             )
-        return await self._queue.get()
+        while self._queue.empty():
+            if self.closed:
+                raise StopAsyncIteration
+            self._woken.clear()
+            await self._woken.wait()
+        return self._queue.get_nowait()
 
 
 class TransitionFeed:
@@ -134,16 +148,28 @@ class TransitionFeed:
         self._metrics = metrics
         self._capacity = capacity
         self._watchers: set[Watcher] = set()
+        self._closed = False
 
     def subscribe(self, checks: frozenset[str] = frozenset(), *, counted: bool = True) -> Watcher:
         """A new watcher of every transition from now on (only ``checks``', when given).
         ``counted``: a client's watch, in ``vantage_watch_streams_*``; the coordinator's
         own watchers (the MQTT publisher) are not."""
         watcher = Watcher(self, self._capacity, checks, counted=counted)
+        if self._closed and counted:
+            watcher.close()
         self._watchers.add(watcher)
         if counted:
             self._metrics.watcher_opened()
         return watcher
+
+    def close_watchers(self) -> int:
+        """End every client's watch cleanly, now and from now on (the coordinator is
+        stopping; the coordinator's own watchers go on); returns how many were open."""
+        self._closed = True
+        clients = [watcher for watcher in self._watchers if watcher.counted]
+        for watcher in clients:
+            watcher.close()
+        return len(clients)
 
     def unsubscribe(self, watcher: Watcher) -> None:
         if watcher in self._watchers:

@@ -50,6 +50,9 @@ class Verdict:
     regions_down: tuple[str, ...] = ()
     failure: FailureClass | None = None  # dominant over every failing agent
     reason: str = ""
+    # Restored from the store by a restarted coordinator and not yet confirmed by fresh
+    # results: the state it had before, shown as a starting point rather than unknown.
+    unconfirmed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

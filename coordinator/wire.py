@@ -58,6 +58,7 @@ def verdict_to_pb(verdict: Verdict, labels: Mapping[str, str] | None = None) -> 
         regions={region: region_to_pb(view) for region, view in verdict.regions.items()},
         reason=verdict.reason,
         labels=dict(labels or {}),
+        unconfirmed=verdict.unconfirmed,
     )
 
 
@@ -84,6 +85,9 @@ def agent_to_pb(agent: AgentInfo) -> query_pb2.Agent:
         version=agent.version,
         capabilities=agent.capabilities,
         results_received=agent.results_received,
+        results_dropped=agent.results_dropped,
+        runs_skipped=agent.runs_skipped,
+        results_late=agent.results_late,
     )
     if agent.connected_since is not None:
         message.connected_since.CopyFrom(timestamp(agent.connected_since))

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # gRPC's C core prints its own chatter ("Got goaway") at info level; the CLI silences it
 # the same way (vantage.cli).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -26,3 +28,19 @@ def pytest_configure(config: object) -> None:
         raise pytest.UsageError(
             f"compiled modules older than their source: {', '.join(stale)}; run `make native`"
         )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Agents started by the tests keep their spool under the test's own directory, never
+    in the user's ``~/.local/state`` where runs (and tests reusing a name) would replay
+    each other's results. Session fixtures get one for the run; each test its own."""
+    os.environ.pop("STATE_DIRECTORY", None)
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
+@pytest.fixture(autouse=True)
+def _test_state_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

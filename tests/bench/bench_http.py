@@ -15,7 +15,8 @@ Everything runs on this machine, on loopback, started here and stopped here:
    its best rate is the reference. Each ``/probe`` is one probe on a fresh connection:
    checked here by nginx's ``accepts`` counter growing by one per probe.
 3. **Vantage**: a real ``vantage coordinator`` with a generated checks file of many http
-   checks against nginx and ONE ``vantage agent`` process. After a warm-up, the rate is
+   checks against nginx and ONE ``vantage agent`` process, spooling to a temporary
+   directory as in production (``--no-spool``: in memory only). After a warm-up, the rate is
    what the coordinator actually ingested (``vantage_results_received_total``) over the
    window; nginx's request counter says how many probes ran. CPU per process comes from
    ``/proc/PID/stat``.
@@ -397,8 +398,11 @@ class VantageRun:
 class Vantage:
     """A coordinator and one agent probing nginx; ``set_demand`` rewrites the checks."""
 
-    def __init__(self, children: Children, nginx: Nginx, interval: float, timeout: float) -> None:
+    def __init__(
+        self, children: Children, nginx: Nginx, interval: float, timeout: float, spool: bool
+    ) -> None:
         self.children = children
+        self.spool = spool
         self.nginx = nginx
         self.interval = interval
         self.timeout = timeout
@@ -456,6 +460,7 @@ class Vantage:
                 "bench",
                 "--token-file",
                 str(self.dir / "agent.token"),
+                *(("--spool-dir", str(self.dir / "spool")) if self.spool else ("--no-spool",)),
                 "--log-format",
                 "json",
             ],
@@ -634,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--concurrency", default="8,32,128", help="wrk connections to blackbox, comma-separated"
     )
     parser.add_argument("--no-blackbox", action="store_true", help="measure the agent only")
+    parser.add_argument(
+        "--no-spool", action="store_true", help="the agent keeps results in memory only"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     seconds = min(args.seconds, 5.0) if args.quick else args.seconds
@@ -677,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  best: {best.rate:,.0f} probes/s at c={best.concurrency}")
 
         timeout = min(1.0, args.interval / 2)
-        vantage_ = Vantage(children, nginx, args.interval, timeout)
+        vantage_ = Vantage(children, nginx, args.interval, timeout, spool=not args.no_spool)
         warmup = max(5.0, 2 * args.interval + 2)
         demands = [args.checks]
         if args.ramp:
@@ -686,7 +694,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit = 3 if args.quick else 12
             demands = [start + i * step for i in range(limit)]
         print(
-            f"\nvantage: 1 coordinator + 1 agent (uvloop), http checks every {args.interval:g}s "
+            f"\nvantage: 1 coordinator + 1 agent (uvloop, "
+            f"{'results in memory' if args.no_spool else 'spool in a temporary directory'}), "
+            f"http checks every {args.interval:g}s "
             f"(timeout {timeout:g}s), warm-up {warmup:g}s, window {seconds:g}s"
         )
         vantage_.start(demands[0])

@@ -7,11 +7,12 @@ Run with the project's interpreter::
 
 ``inproc``
     The coordinator's real ingest path without the network: each ``AgentMessage`` is parsed
-    from bytes, then handled exactly as ``AgentService._receive`` does (``fleet.seen``,
-    ``AgentService._ingest`` -- ``result_from_pb``, ``engine.observe``, fleet and metrics
-    counting, transition recording -- and the serialised ack), with ``engine.tick()`` once
-    per simulated second. A fake clock advances at ``--rate`` results/s, so staleness
-    windows pass as they would at that rate. Prints a per-stage breakdown.
+    from bytes, then handled exactly as ``AgentService._receive`` does (``CoordinatorState``:
+    ``seen``, ``results`` -- ``result_from_pb``, ``engine.observe``, fleet and metrics
+    counting, transition recording, the agent's ledger in the (in-memory) store -- and the
+    serialised ack), with ``state.tick()`` once per simulated second. A fake clock
+    advances at ``--rate`` results/s, so staleness windows pass as they would at that rate.
+    Prints a per-stage breakdown.
 ``tick``
     ``engine.tick()`` alone with every check seen by every agent: the cost of a tick with
     nothing due, and of one where every check is due.
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ from coordinator.engine import EngineSettings, VerdictEngine  # noqa: E402
 from coordinator.fleet import AgentFleet, AgentHello  # noqa: E402
 from coordinator.metrics import CoordinatorMetrics  # noqa: E402
 from coordinator.registry import CheckChange, CheckRegistry  # noqa: E402
-from coordinator.tokens import TokenRegistry  # noqa: E402
+from coordinator.state import CoordinatorState  # noqa: E402
+from coordinator.store import TransitionStore  # noqa: E402
 from coordinator.transitions import (  # noqa: E402
     TransitionFeed,
     TransitionLog,
@@ -205,7 +207,18 @@ class FakeClock:
 
 
 class NullLink:
+    """An agent stream that sends nothing: the acks go nowhere."""
+
+    def welcome(self, last_seq: int) -> None:
+        pass
+
+    def acknowledge(self, seq: int) -> None:
+        self.acked = seq
+
     def assign(self, change: CheckChange) -> None:
+        pass
+
+    def recheck(self, checks: Sequence[str]) -> None:
         pass
 
     def end(self, reason: str) -> None:
@@ -228,48 +241,45 @@ class Coordinator:
     engine: VerdictEngine
     fleet: AgentFleet
     metrics: CoordinatorMetrics
-    recorder: TransitionRecorder
-    service: Any  # AgentService
+    state: CoordinatorState
     hellos: list[AgentHello]
+    links: list[NullLink]
 
 
 def build_coordinator(checks: list[AnyCheck], agents: int) -> Coordinator:
-    from coordinator.agent_service import AgentService
-
     clock = FakeClock(1_700_000_000.0)
-    registry = CheckRegistry(checks)
     fleet = AgentFleet(clock)
     engine = VerdictEngine(EngineSettings(), clock)
     metrics = CoordinatorMetrics(version="bench", verdicts=engine.verdicts, agents=fleet.agents)
-    recorder = TransitionRecorder(TransitionLog(), TransitionFeed(metrics), metrics)
-    recorder.record(engine.set_checks(checks))
-    service = AgentService(
+    store = TransitionStore.open(None, clock=clock)
+    recorder = TransitionRecorder(TransitionLog(store), TransitionFeed(metrics), metrics)
+    state = CoordinatorState(
         engine=engine,
         fleet=fleet,
-        checks=registry,
-        tokens=TokenRegistry(),
+        checks=CheckRegistry(checks),
         recorder=recorder,
+        store=store,
         metrics=metrics,
-        heartbeat_interval=10.0,
-        clock=clock,
     )
-    hellos = []
+    hellos, links = [], []
     for index in range(agents):
         hello = AgentHello(
             name=f"agent-{index}", region=REGIONS[index % len(REGIONS)], instance_id="i-1"
         )
-        fleet.connect(hello, NullLink())
-        recorder.record(engine.agent_connected(hello.name, hello.region))
+        link = NullLink()
+        state.agent_connected(hello, link)
         hellos.append(hello)
-    return Coordinator(clock, engine, fleet, metrics, recorder, service, hellos)
+        links.append(link)
+    return Coordinator(clock, engine, fleet, metrics, state, hellos, links)
 
 
-def receive(c: Coordinator, hello: AgentHello, raw: bytes, stream_log: Any) -> bytes:
+def receive(c: Coordinator, agent: int, raw: bytes, stream_log: Any) -> bytes:
     """What ``AgentService._receive`` does with one message, minus the network."""
+    hello = c.hellos[agent]
     message = agent_pb2.AgentMessage.FromString(raw)
-    c.fleet.seen(hello.name)
+    c.state.seen(hello.name)
     if message.WhichOneof("kind") == "results":
-        seq = c.service._ingest(hello, message.results.results, stream_log)
+        seq = c.state.results(hello, c.links[agent], message.results, stream_log)
         ack = agent_pb2.CoordinatorMessage(ack=agent_pb2.ResultAck(seq=seq))
         return ack.SerializeToString()
     return b""
@@ -310,11 +320,11 @@ def run_inproc(args: argparse.Namespace) -> None:
             measured = 0
         c.clock.now += step
         start = time.process_time()
-        receive(c, c.hellos[agent], raw, logs[agent])
+        receive(c, agent, raw, logs[agent])
         middle = time.process_time()
         if c.clock.now >= next_tick:
             next_tick += 1.0
-            c.recorder.record(c.engine.tick())
+            c.state.tick()
         spent["ingest"] += middle - start
         spent["tick"] += time.process_time() - middle
         measured += args.batch

@@ -1,8 +1,9 @@
 """A real coordinator in-process, on real sockets (port 0), and a scripted agent client.
 
 ``start`` runs a ``Coordinator`` from files written to a temporary directory and stops it
-(by cancellation, as the CLI does) when the test ends. ``FakeAgent`` speaks the real
-``AgentService.Connect`` stream through a real grpc.aio channel.
+when the test ends: by cancellation (at once), or with ``drain=True`` as SIGTERM does.
+``FakeAgent`` speaks the real ``AgentService.Connect`` stream through a real grpc.aio
+channel.
 
 Not named ``conftest``: several test folders have one, and ``from conftest import``
 picks whichever was imported first."""
@@ -218,7 +219,8 @@ def write_config(
 
 
 @contextlib.asynccontextmanager
-async def start(config: Path, **kwargs: Any) -> AsyncIterator[Running]:
+async def start(config: Path, *, drain: bool = False, **kwargs: Any) -> AsyncIterator[Running]:
+    """``drain``: stop it as SIGTERM does (``Coordinator.stop``) rather than cancel it."""
     coordinator = Coordinator(load_config(config), **kwargs)
     task = asyncio.create_task(coordinator.run())
     try:
@@ -235,6 +237,10 @@ async def start(config: Path, **kwargs: Any) -> AsyncIterator[Running]:
         finally:
             await channel.close()
     finally:
+        if drain and not task.done():
+            coordinator.stop()
+            async with asyncio.timeout(WAIT + 5):
+                await task
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

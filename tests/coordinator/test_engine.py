@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.engine import EngineSettings, VerdictEngine
-from coordinator.verdicts import RegionState, RegionView, Transition, VerdictState
+from coordinator.verdicts import RegionState, RegionView, Transition, Verdict, VerdictState
 from vantage.checks import AnyCheck, parse_check
 from vantage.results import (
     FailureClass,
@@ -1084,3 +1084,86 @@ def test_measurements_come_from_the_views_that_count() -> None:
         ("us", FailureClass.CONNECT_REFUSED): 2,
         ("us", FailureClass.CONNECT_TIMEOUT): 1,
     }
+
+
+# -- restore: a restarted coordinator's starting point -----------------------------------
+
+
+def restored_engine(clock: FakeClock, previous: VerdictState, grace: float = 30) -> VerdictEngine:
+    """A fresh engine (no agent yet) given ``previous`` as web's last verdict."""
+    engine = VerdictEngine(EngineSettings(second_opinion=False, adaptive_confirmation=False), clock)
+    engine.set_checks([check()])
+    before = Verdict("web", previous, T0 - 3600, reason="from the store")
+    assert engine.restore([before], grace) == 1
+    return engine
+
+
+def test_a_restored_verdict_is_flagged_until_fresh_results_confirm_it() -> None:
+    clock = FakeClock()
+    engine = restored_engine(clock, VerdictState.UP)
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert (verdict.state, verdict.unconfirmed, verdict.since) == (VerdictState.UP, True, T0 - 3600)
+    # Agents come back one by one: too few to say anything keeps the restored verdict.
+    transitions = []
+    for agent, region in FLEET.items():
+        transitions += engine.agent_connected(agent, region)
+        transitions += engine.observe(agent, result("web"))
+    assert transitions == []  # confirmed: the same state, no transition
+    verdict = engine.verdict("web")
+    assert verdict is not None
+    assert (verdict.state, verdict.unconfirmed, verdict.since) == (
+        VerdictState.UP,
+        False,
+        T0 - 3600,
+    )
+
+
+def test_a_restored_verdict_the_results_contradict_moves_with_one_transition() -> None:
+    clock = FakeClock()
+    engine = restored_engine(clock, VerdictState.GLOBAL)
+    transitions = []
+    for agent, region in FLEET.items():
+        transitions += engine.agent_connected(agent, region)
+        transitions += engine.observe(agent, result("web"))
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.GLOBAL, VerdictState.UP)
+    ]
+    assert engine.verdict("web").unconfirmed is False  # type: ignore[union-attr]
+
+
+def test_a_restored_verdict_nobody_confirms_goes_unknown_after_window_and_grace() -> None:
+    clock = FakeClock()
+    engine = restored_engine(clock, VerdictState.REGIONAL, grace=30)
+    clock.advance(WINDOW + 29)
+    assert engine.tick() == []
+    assert state(engine) is VerdictState.REGIONAL
+    clock.advance(2)
+    transitions = engine.tick()
+    assert [(t.previous, t.verdict.state) for t in transitions] == [
+        (VerdictState.REGIONAL, VerdictState.UNKNOWN)
+    ]
+    assert engine.verdict("web").unconfirmed is False  # type: ignore[union-attr]
+
+
+def test_restore_skips_unknown_and_checks_no_longer_in_the_set() -> None:
+    clock = FakeClock()
+    engine = VerdictEngine(EngineSettings(), clock)
+    engine.set_checks([check()])
+    gone = Verdict("gone", VerdictState.GLOBAL, T0)
+    unknown = Verdict("web", VerdictState.UNKNOWN, T0)
+    assert engine.restore([gone, unknown], 30) == 0
+    assert engine.verdict("gone") is None
+    assert engine.verdict("web").unconfirmed is False  # type: ignore[union-attr]
+
+
+def test_a_late_result_counts_as_a_failure_and_leaves_the_verdict_alone() -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock)
+    report(engine)
+    assert state(engine) is VerdictState.UP
+    engine.observe_late("eu", result("web", FailureClass.CONNECT_TIMEOUT, at=T0 - 3600))
+    assert state(engine) is VerdictState.UP
+    (measured,) = engine.measurements()
+    assert measured.failures == {("eu", FailureClass.CONNECT_TIMEOUT): 1}
+    assert engine.stale_window("web") == WINDOW

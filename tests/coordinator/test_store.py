@@ -278,7 +278,9 @@ async def test_history_and_ids_survive_a_coordinator_restart(tmp_path: Path) -> 
         after = await running.queries.GetHistory(query_pb2.GetHistoryRequest(check="db"))
         assert list(after.transitions) == list(before.transitions)
         last = running.coordinator.transitions.last_id
-        agent = running.agent()
+        # Another instance (a new spool): its sequence starts again at 1. The first one's
+        # numbers are remembered (a replay of them would be dropped as duplicates).
+        agent = running.agent(instance_id="instance-b")
         await agent.handshake()
         await agent.send_results([agent.result("db", success=False)])
         newest = await running.queries.GetHistory(query_pb2.GetHistoryRequest(check="db"))

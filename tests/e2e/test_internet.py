@@ -386,10 +386,14 @@ def test_refused_tokens_are_one_line_counted_and_change_nothing(site: Site) -> N
 
     wrong = site.system.dir / "wrong.token"
     wrong.write_text("vt1_" + secrets.token_urlsafe(24) + "\n")
+    elsewhere = site.system.dir / "impostor-spool"
     refused = {
         "wrong token": site.agent(coordinator, "eu-2", "eu", "--token-file", str(wrong)),
         "another name": site.agent(coordinator, "eu-9", "eu", "--token-file", str(eu)),
-        "another region": site.agent(coordinator, "eu-1", "us", "--token-file", str(eu)),
+        # An impostor elsewhere: its own machine, so its own spool.
+        "another region": site.agent(
+            coordinator, "eu-1", "us", "--token-file", str(eu), "--spool-dir", str(elsewhere)
+        ),
     }
     lines = {why: exited(proc) for why, proc in refused.items()}
     denied = "vantage agent: error: coordinator refused this agent (PERMISSION_DENIED):"

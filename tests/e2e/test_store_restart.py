@@ -1,5 +1,6 @@
 """The transition store across a coordinator killed outright (SIGKILL): every transition a
-watcher was sent is still on record, and ids go on without reusing one."""
+watcher was sent is still on record, the restored verdicts record nothing new until a
+check really changes, and ids go on without reusing one."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _history(coordinator: Coordinator) -> list[query_pb2.VerdictTransition]:
 
 def test_a_killed_coordinator_keeps_every_transition_it_published(system: System) -> None:
     port = free_port()
-    system.http_server(port)
+    web = system.http_server(port)
     config = system.write_config(
         "checks:\n"
         f"  - {{name: web, type: http, target: 'http://127.0.0.1:{port}/', "
@@ -73,8 +74,14 @@ def test_a_killed_coordinator_keeps_every_transition_it_published(system: System
     second = system.coordinator(config)
     kept = _history(second)
     assert {transition.id for transition in kept} >= set(heard)
-    # The agent reconnects; the verdicts start over from unknown, under new ids.
-    wait_until(lambda: len(_history(second)) > len(kept), 30, "new transitions after restart")
-    newer = [t.id for t in _history(second) if t.id not in {k.id for k in kept}]
-    assert min(newer) > max(heard)
+    # The agent reconnects; the verdicts carry on from where they were, so nothing new
+    # is recorded until something changes: the web server stops, under a new id.
+    connected = 'vantage_agents_connected{region="eu"} 1.0'
+    wait_until(lambda: second.metrics().count(connected), 30, "the agent to reconnect")
+    assert [t.id for t in _history(second)] == [t.id for t in kept]
+    web.stop()
+    wait_until(lambda: len(_history(second)) > len(kept), 30, "the web check's transition")
+    newer = [t for t in _history(second) if t.id not in {k.id for k in kept}]
+    assert [(t.check, t.verdict.state) for t in newer] == [("web", query_pb2.VERDICT_STATE_GLOBAL)]
+    assert newer[0].id > max(heard)
     assert agent.popen.poll() is None

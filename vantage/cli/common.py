@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,15 +167,29 @@ def configure_logs(args: argparse.Namespace) -> None:
     logs.configure(args.log_level, json=json_logs)
 
 
-def run_service(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run a service until it ends; SIGTERM and SIGINT cancel it cleanly."""
+def run_service(
+    coroutine: Coroutine[Any, Any, None], stop: Callable[[], None] | None = None
+) -> None:
+    """Run a service until it ends. SIGTERM and SIGINT call ``stop`` (a drain: the
+    service ends by itself soon after), or without one cancel it; a second signal
+    cancels it at once."""
 
     async def supervised() -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        signalled = False
+
+        def on_signal() -> None:
+            nonlocal signalled
+            if stop is not None and not signalled:
+                stop()
+            else:
+                task.cancel()
+            signalled = True
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
+            loop.add_signal_handler(signum, on_signal)
         with contextlib.suppress(asyncio.CancelledError):
             await coroutine
 

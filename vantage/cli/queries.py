@@ -59,9 +59,9 @@ def _run_status(args: argparse.Namespace) -> int:
     table = [("CHECK", "STATE", "SINCE", "REGIONS", "WHY")]
     for row in rows:
         regions = " ".join(f"{name}:{view['state']}" for name, view in row["regions"].items())
-        table.append(
-            (row["check"], row["state"], row["since"] or "-", regions or "-", row["reason"])
-        )
+        # A restarted coordinator's restored verdict, until fresh results confirm it.
+        state = f"{row['state']} (unconfirmed)" if row["unconfirmed"] else row["state"]
+        table.append((row["check"], state, row["since"] or "-", regions or "-", row["reason"]))
     print_table(table)
     return EXIT_OK
 
@@ -77,7 +77,8 @@ def _run_agents(args: argparse.Namespace) -> int:
     if not rows:
         print("no agents")
         return EXIT_OK
-    table = [("AGENT", "REGION", "CONNECTED", "IMPAIRED", "LAST SEEN", "VERSION")]
+    heading = ("AGENT", "REGION", "CONNECTED", "IMPAIRED", "LAST SEEN", "VERSION")
+    table = [(*heading, "RESULTS", "DROPPED", "SKIPPED", "LATE")]
     for row in rows:
         table.append(
             (
@@ -87,6 +88,10 @@ def _run_agents(args: argparse.Namespace) -> int:
                 "yes" if row["impaired"] else "no",
                 row["last_seen"] or "-",
                 row["version"] or "-",
+                str(row["results_received"]),
+                str(row["results_dropped"]),
+                str(row["runs_skipped"]),
+                str(row["results_late"]),
             )
         )
     print_table(table)

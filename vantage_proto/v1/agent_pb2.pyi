@@ -123,7 +123,11 @@ class Hello(_message.Message):
     region: _builtins.str
     version: _builtins.str
     instance_id: _builtins.str
-    """Random per agent process: tells a restart from a reconnect."""
+    """Names the agent's sequence of result numbers: the id of its spool, kept across
+    restarts while the spool is (so sequence numbers continue and replays are
+    recognised), new with a new spool (numbers start again at 1); random per process
+    for an agent without a spool.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Probe types the agent can run ("http", "tcp", ...)."""
@@ -236,20 +240,60 @@ class ResultBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    SENT_UNIX_US_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    sent_unix_us: _builtins.int
+    """The agent's wall clock when it sent the batch, microseconds since the Unix epoch.
+    With each result's started_unix_us (same clock, so skew does not matter) it tells
+    a result's age: one older than its check's staleness window (a result replayed
+    from the spool after an outage) goes into history and failure counts, not into the
+    live verdict. 0: every result is taken as fresh.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeResult]: ...
+    @_builtins.property
+    def counters(self) -> Global___AgentCounters: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___ProbeResult] | None = ...,
+        sent_unix_us: _builtins.int = ...,
+        counters: Global___AgentCounters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "results", b"results", "sent_unix_us", b"sent_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResultBatch: _TypeAlias = ResultBatch  # noqa: Y015
+
+@_typing.final
+class AgentCounters(_message.Message):
+    """What the agent could not deliver or run, cumulative: results dropped since its spool
+    was created (the spool was full: oldest first), runs skipped since the process started
+    (too many probes in flight). Sent in every ResultBatch and Heartbeat.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_DROPPED_FIELD_NUMBER: _builtins.int
+    RUNS_SKIPPED_FIELD_NUMBER: _builtins.int
+    results_dropped: _builtins.int
+    runs_skipped: _builtins.int
+    def __init__(
+        self,
+        *,
+        results_dropped: _builtins.int = ...,
+        runs_skipped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results_dropped", b"results_dropped", "runs_skipped", b"runs_skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentCounters: _TypeAlias = AgentCounters  # noqa: Y015
 
 @_typing.final
 class ResultAck(_message.Message):
@@ -277,16 +321,22 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SENT_UNIX_US_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     sent_unix_us: _builtins.int
     """Sender's wall clock, microseconds since the Unix epoch."""
+    @_builtins.property
+    def counters(self) -> Global___AgentCounters:
+        """Agent to coordinator only."""
+
     def __init__(
         self,
         *,
         sent_unix_us: _builtins.int = ...,
+        counters: Global___AgentCounters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_unix_us", b"sent_unix_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "sent_unix_us", b"sent_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

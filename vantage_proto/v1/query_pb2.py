@@ -28,7 +28,7 @@ from . import agent_pb2 as vantage_dot_v1_dot_agent__pb2
 from . import common_pb2 as vantage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vantage/v1/query.proto\x12\nvantage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16vantage/v1/agent.proto\x1a\x17vantage/v1/common.proto\"\xa0\x01\n\nRegionView\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.vantage.v1.RegionState\x12\n\n\x02up\x18\x02 \x01(\r\x12\x0c\n\x04\x64own\x18\x03 \x01(\r\x12\r\n\x05stale\x18\x04 \x01(\r\x12)\n\x07\x66\x61ilure\x18\x05 \x01(\x0e\x32\x18.vantage.v1.FailureClass\x12\x16\n\x0e\x66\x61iling_agents\x18\x06 \x03(\t\"\x98\x03\n\x07Verdict\x12\r\n\x05\x63heck\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.vantage.v1.VerdictState\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cregions_down\x18\x04 \x03(\t\x12)\n\x07\x66\x61ilure\x18\x05 \x01(\x0e\x32\x18.vantage.v1.FailureClass\x12\x31\n\x07regions\x18\x06 \x03(\x0b\x32 .vantage.v1.Verdict.RegionsEntry\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x06labels\x18\x08 \x03(\x0b\x32\x1f.vantage.v1.Verdict.LabelsEntry\x1a\x46\n\x0cRegionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.vantage.v1.RegionView:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa8\x01\n\x11VerdictTransition\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x63heck\x18\x02 \x01(\t\x12*\n\x08previous\x18\x03 \x01(\x0e\x32\x18.vantage.v1.VerdictState\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07verdict\x18\x05 \x01(\x0b\x32\x13.vantage.v1.Verdict\"\xef\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x10\n\x08impaired\x18\x04 \x01(\x08\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x33\n\x0f\x63onnected_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10results_received\x18\t \x01(\x04\"\"\n\x11GetVerdictRequest\x12\r\n\x05\x63heck\x18\x01 \x01(\t\"\xab\x01\n\x13ListVerdictsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.vantage.v1.VerdictState\x12;\n\x06labels\x18\x02 \x03(\x0b\x32+.vantage.v1.ListVerdictsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x14ListVerdictsResponse\x12%\n\x08verdicts\x18\x01 \x03(\x0b\x32\x13.vantage.v1.Verdict\"J\n\x14WatchVerdictsRequest\x12\x15\n\x08\x61\x66ter_id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06\x63hecks\x18\x02 \x03(\tB\x0b\n\t_after_id\"\x13\n\x11ListAgentsRequest\"7\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.vantage.v1.Agent\"\x87\x01\n\x11GetHistoryRequest\x12\r\n\x05\x63heck\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x04 \x01(\r\"[\n\x12GetHistoryResponse\x12\x32\n\x0btransitions\x18\x01 \x03(\x0b\x32\x1d.vantage.v1.VerdictTransition\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"C\n\x0f\x43heckNowRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"T\n\nAgentProbe\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.vantage.v1.ProbeResult\"\xa4\x01\n\x10\x43heckNowResponse\x12 \n\x05\x63heck\x18\x01 \x01(\x0b\x32\x11.vantage.v1.Check\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.vantage.v1.Verdict\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.vantage.v1.AgentProbe\x12\x0f\n\x07missing\x18\x04 \x03(\t\x12\x0e\n\x06unable\x18\x05 \x03(\t*\xc9\x01\n\x0cVerdictState\x12\x1d\n\x19VERDICT_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_STATE_UP\x10\x01\x12\x1a\n\x16VERDICT_STATE_DEGRADED\x10\x02\x12\x17\n\x13VERDICT_STATE_LOCAL\x10\x03\x12\x1a\n\x16VERDICT_STATE_REGIONAL\x10\x04\x12\x18\n\x14VERDICT_STATE_GLOBAL\x10\x05\x12\x19\n\x15VERDICT_STATE_UNKNOWN\x10\x06*q\n\x0bRegionState\x12\x1c\n\x18REGION_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fREGION_STATE_UP\x10\x01\x12\x15\n\x11REGION_STATE_DOWN\x10\x02\x12\x18\n\x14REGION_STATE_UNKNOWN\x10\x03\x32\xd8\x03\n\x0cQueryService\x12@\n\nGetVerdict\x12\x1d.vantage.v1.GetVerdictRequest\x1a\x13.vantage.v1.Verdict\x12Q\n\x0cListVerdicts\x12\x1f.vantage.v1.ListVerdictsRequest\x1a .vantage.v1.ListVerdictsResponse\x12R\n\rWatchVerdicts\x12 .vantage.v1.WatchVerdictsRequest\x1a\x1d.vantage.v1.VerdictTransition0\x01\x12K\n\nListAgents\x12\x1d.vantage.v1.ListAgentsRequest\x1a\x1e.vantage.v1.ListAgentsResponse\x12K\n\nGetHistory\x12\x1d.vantage.v1.GetHistoryRequest\x1a\x1e.vantage.v1.GetHistoryResponse\x12\x45\n\x08\x43heckNow\x12\x1b.vantage.v1.CheckNowRequest\x1a\x1c.vantage.v1.CheckNowResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vantage/v1/query.proto\x12\nvantage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16vantage/v1/agent.proto\x1a\x17vantage/v1/common.proto\"\xa0\x01\n\nRegionView\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.vantage.v1.RegionState\x12\n\n\x02up\x18\x02 \x01(\r\x12\x0c\n\x04\x64own\x18\x03 \x01(\r\x12\r\n\x05stale\x18\x04 \x01(\r\x12)\n\x07\x66\x61ilure\x18\x05 \x01(\x0e\x32\x18.vantage.v1.FailureClass\x12\x16\n\x0e\x66\x61iling_agents\x18\x06 \x03(\t\"\xad\x03\n\x07Verdict\x12\r\n\x05\x63heck\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.vantage.v1.VerdictState\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cregions_down\x18\x04 \x03(\t\x12)\n\x07\x66\x61ilure\x18\x05 \x01(\x0e\x32\x18.vantage.v1.FailureClass\x12\x31\n\x07regions\x18\x06 \x03(\x0b\x32 .vantage.v1.Verdict.RegionsEntry\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x06labels\x18\x08 \x03(\x0b\x32\x1f.vantage.v1.Verdict.LabelsEntry\x12\x13\n\x0bunconfirmed\x18\t \x01(\x08\x1a\x46\n\x0cRegionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.vantage.v1.RegionView:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa8\x01\n\x11VerdictTransition\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x63heck\x18\x02 \x01(\t\x12*\n\x08previous\x18\x03 \x01(\x0e\x32\x18.vantage.v1.VerdictState\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07verdict\x18\x05 \x01(\x0b\x32\x13.vantage.v1.Verdict\"\xb4\x02\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x10\n\x08impaired\x18\x04 \x01(\x08\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x33\n\x0f\x63onnected_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10results_received\x18\t \x01(\x04\x12\x17\n\x0fresults_dropped\x18\n \x01(\x04\x12\x14\n\x0cruns_skipped\x18\x0b \x01(\x04\x12\x14\n\x0cresults_late\x18\x0c \x01(\x04\"\"\n\x11GetVerdictRequest\x12\r\n\x05\x63heck\x18\x01 \x01(\t\"\xab\x01\n\x13ListVerdictsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.vantage.v1.VerdictState\x12;\n\x06labels\x18\x02 \x03(\x0b\x32+.vantage.v1.ListVerdictsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x14ListVerdictsResponse\x12%\n\x08verdicts\x18\x01 \x03(\x0b\x32\x13.vantage.v1.Verdict\"J\n\x14WatchVerdictsRequest\x12\x15\n\x08\x61\x66ter_id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06\x63hecks\x18\x02 \x03(\tB\x0b\n\t_after_id\"\x13\n\x11ListAgentsRequest\"7\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.vantage.v1.Agent\"\x87\x01\n\x11GetHistoryRequest\x12\r\n\x05\x63heck\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x04 \x01(\r\"[\n\x12GetHistoryResponse\x12\x32\n\x0btransitions\x18\x01 \x03(\x0b\x32\x1d.vantage.v1.VerdictTransition\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"C\n\x0f\x43heckNowRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"T\n\nAgentProbe\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.vantage.v1.ProbeResult\"\xa4\x01\n\x10\x43heckNowResponse\x12 \n\x05\x63heck\x18\x01 \x01(\x0b\x32\x11.vantage.v1.Check\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.vantage.v1.Verdict\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.vantage.v1.AgentProbe\x12\x0f\n\x07missing\x18\x04 \x03(\t\x12\x0e\n\x06unable\x18\x05 \x03(\t*\xc9\x01\n\x0cVerdictState\x12\x1d\n\x19VERDICT_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_STATE_UP\x10\x01\x12\x1a\n\x16VERDICT_STATE_DEGRADED\x10\x02\x12\x17\n\x13VERDICT_STATE_LOCAL\x10\x03\x12\x1a\n\x16VERDICT_STATE_REGIONAL\x10\x04\x12\x18\n\x14VERDICT_STATE_GLOBAL\x10\x05\x12\x19\n\x15VERDICT_STATE_UNKNOWN\x10\x06*q\n\x0bRegionState\x12\x1c\n\x18REGION_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fREGION_STATE_UP\x10\x01\x12\x15\n\x11REGION_STATE_DOWN\x10\x02\x12\x18\n\x14REGION_STATE_UNKNOWN\x10\x03\x32\xd8\x03\n\x0cQueryService\x12@\n\nGetVerdict\x12\x1d.vantage.v1.GetVerdictRequest\x1a\x13.vantage.v1.Verdict\x12Q\n\x0cListVerdicts\x12\x1f.vantage.v1.ListVerdictsRequest\x1a .vantage.v1.ListVerdictsResponse\x12R\n\rWatchVerdicts\x12 .vantage.v1.WatchVerdictsRequest\x1a\x1d.vantage.v1.VerdictTransition0\x01\x12K\n\nListAgents\x12\x1d.vantage.v1.ListAgentsRequest\x1a\x1e.vantage.v1.ListAgentsResponse\x12K\n\nGetHistory\x12\x1d.vantage.v1.GetHistoryRequest\x1a\x1e.vantage.v1.GetHistoryResponse\x12\x45\n\x08\x43heckNow\x12\x1b.vantage.v1.CheckNowRequest\x1a\x1c.vantage.v1.CheckNowResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,46 +41,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERDICT_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTVERDICTSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTVERDICTSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_VERDICTSTATE']._serialized_start=2088
-  _globals['_VERDICTSTATE']._serialized_end=2289
-  _globals['_REGIONSTATE']._serialized_start=2291
-  _globals['_REGIONSTATE']._serialized_end=2404
+  _globals['_VERDICTSTATE']._serialized_start=2178
+  _globals['_VERDICTSTATE']._serialized_end=2379
+  _globals['_REGIONSTATE']._serialized_start=2381
+  _globals['_REGIONSTATE']._serialized_end=2494
   _globals['_REGIONVIEW']._serialized_start=121
   _globals['_REGIONVIEW']._serialized_end=281
   _globals['_VERDICT']._serialized_start=284
-  _globals['_VERDICT']._serialized_end=692
-  _globals['_VERDICT_REGIONSENTRY']._serialized_start=575
-  _globals['_VERDICT_REGIONSENTRY']._serialized_end=645
-  _globals['_VERDICT_LABELSENTRY']._serialized_start=647
-  _globals['_VERDICT_LABELSENTRY']._serialized_end=692
-  _globals['_VERDICTTRANSITION']._serialized_start=695
-  _globals['_VERDICTTRANSITION']._serialized_end=863
-  _globals['_AGENT']._serialized_start=866
-  _globals['_AGENT']._serialized_end=1105
-  _globals['_GETVERDICTREQUEST']._serialized_start=1107
-  _globals['_GETVERDICTREQUEST']._serialized_end=1141
-  _globals['_LISTVERDICTSREQUEST']._serialized_start=1144
-  _globals['_LISTVERDICTSREQUEST']._serialized_end=1315
-  _globals['_LISTVERDICTSREQUEST_LABELSENTRY']._serialized_start=647
-  _globals['_LISTVERDICTSREQUEST_LABELSENTRY']._serialized_end=692
-  _globals['_LISTVERDICTSRESPONSE']._serialized_start=1317
-  _globals['_LISTVERDICTSRESPONSE']._serialized_end=1378
-  _globals['_WATCHVERDICTSREQUEST']._serialized_start=1380
-  _globals['_WATCHVERDICTSREQUEST']._serialized_end=1454
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1456
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1475
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1477
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1532
-  _globals['_GETHISTORYREQUEST']._serialized_start=1535
-  _globals['_GETHISTORYREQUEST']._serialized_end=1670
-  _globals['_GETHISTORYRESPONSE']._serialized_start=1672
-  _globals['_GETHISTORYRESPONSE']._serialized_end=1763
-  _globals['_CHECKNOWREQUEST']._serialized_start=1765
-  _globals['_CHECKNOWREQUEST']._serialized_end=1832
-  _globals['_AGENTPROBE']._serialized_start=1834
-  _globals['_AGENTPROBE']._serialized_end=1918
-  _globals['_CHECKNOWRESPONSE']._serialized_start=1921
-  _globals['_CHECKNOWRESPONSE']._serialized_end=2085
-  _globals['_QUERYSERVICE']._serialized_start=2407
-  _globals['_QUERYSERVICE']._serialized_end=2879
+  _globals['_VERDICT']._serialized_end=713
+  _globals['_VERDICT_REGIONSENTRY']._serialized_start=596
+  _globals['_VERDICT_REGIONSENTRY']._serialized_end=666
+  _globals['_VERDICT_LABELSENTRY']._serialized_start=668
+  _globals['_VERDICT_LABELSENTRY']._serialized_end=713
+  _globals['_VERDICTTRANSITION']._serialized_start=716
+  _globals['_VERDICTTRANSITION']._serialized_end=884
+  _globals['_AGENT']._serialized_start=887
+  _globals['_AGENT']._serialized_end=1195
+  _globals['_GETVERDICTREQUEST']._serialized_start=1197
+  _globals['_GETVERDICTREQUEST']._serialized_end=1231
+  _globals['_LISTVERDICTSREQUEST']._serialized_start=1234
+  _globals['_LISTVERDICTSREQUEST']._serialized_end=1405
+  _globals['_LISTVERDICTSREQUEST_LABELSENTRY']._serialized_start=668
+  _globals['_LISTVERDICTSREQUEST_LABELSENTRY']._serialized_end=713
+  _globals['_LISTVERDICTSRESPONSE']._serialized_start=1407
+  _globals['_LISTVERDICTSRESPONSE']._serialized_end=1468
+  _globals['_WATCHVERDICTSREQUEST']._serialized_start=1470
+  _globals['_WATCHVERDICTSREQUEST']._serialized_end=1544
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1546
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1565
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1567
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1622
+  _globals['_GETHISTORYREQUEST']._serialized_start=1625
+  _globals['_GETHISTORYREQUEST']._serialized_end=1760
+  _globals['_GETHISTORYRESPONSE']._serialized_start=1762
+  _globals['_GETHISTORYRESPONSE']._serialized_end=1853
+  _globals['_CHECKNOWREQUEST']._serialized_start=1855
+  _globals['_CHECKNOWREQUEST']._serialized_end=1922
+  _globals['_AGENTPROBE']._serialized_start=1924
+  _globals['_AGENTPROBE']._serialized_end=2008
+  _globals['_CHECKNOWRESPONSE']._serialized_start=2011
+  _globals['_CHECKNOWRESPONSE']._serialized_end=2175
+  _globals['_QUERYSERVICE']._serialized_start=2497
+  _globals['_QUERYSERVICE']._serialized_end=2969
 # @@protoc_insertion_point(module_scope)

@@ -162,12 +162,17 @@ class Verdict(_message.Message):
     REGIONS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    UNCONFIRMED_FIELD_NUMBER: _builtins.int
     check: _builtins.str
     state: Global___VerdictState.ValueType
     failure: _common_pb2.FailureClass.ValueType
     """Dominant failure class over the failing agents."""
     reason: _builtins.str
     """One line on why the verdict is what it is."""
+    unconfirmed: _builtins.bool
+    """Restored from the store when the coordinator started and not yet confirmed by
+    fresh results (they confirm it, or move it with a transition).
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Time of the last transition."""
@@ -189,10 +194,11 @@ class Verdict(_message.Message):
         regions: _abc.Mapping[_builtins.str, Global___RegionView] | None = ...,
         reason: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        unconfirmed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "failure", b"failure", "labels", b"labels", "reason", b"reason", "regions", b"regions", "regions_down", b"regions_down", "since", b"since", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "failure", b"failure", "labels", b"labels", "reason", b"reason", "regions", b"regions", "regions_down", b"regions_down", "since", b"since", "state", b"state", "unconfirmed", b"unconfirmed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,12 +253,24 @@ class Agent(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
     RESULTS_RECEIVED_FIELD_NUMBER: _builtins.int
+    RESULTS_DROPPED_FIELD_NUMBER: _builtins.int
+    RUNS_SKIPPED_FIELD_NUMBER: _builtins.int
+    RESULTS_LATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     region: _builtins.str
     connected: _builtins.bool
     impaired: _builtins.bool
     version: _builtins.str
     results_received: _builtins.int
+    results_dropped: _builtins.int
+    """As the agent last reported them (AgentCounters): results its full spool dropped,
+    runs it skipped with too many probes in flight.
+    """
+    runs_skipped: _builtins.int
+    results_late: _builtins.int
+    """Results received that were older than their check's staleness window (replayed
+    after an outage): in history and failure counts, not in the live verdict.
+    """
     @_builtins.property
     def last_seen(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -271,10 +289,13 @@ class Agent(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         connected_since: _timestamp_pb2.Timestamp | None = ...,
         results_received: _builtins.int = ...,
+        results_dropped: _builtins.int = ...,
+        runs_skipped: _builtins.int = ...,
+        results_late: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_since", b"connected_since", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connected", b"connected", "connected_since", b"connected_since", "impaired", b"impaired", "last_seen", b"last_seen", "name", b"name", "region", b"region", "results_received", b"results_received", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connected", b"connected", "connected_since", b"connected_since", "impaired", b"impaired", "last_seen", b"last_seen", "name", b"name", "region", b"region", "results_dropped", b"results_dropped", "results_late", b"results_late", "results_received", b"results_received", "runs_skipped", b"runs_skipped", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
