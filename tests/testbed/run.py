@@ -308,6 +308,10 @@ class ScenarioRun:
                 region,
                 "--token-file",
                 str(self.dir / f"agent-{name}.token"),
+                # Its own spool in the run's directory: test beds run side by side with
+                # the same agent names; a restarted agent replays its own.
+                "--spool-dir",
+                str(self.dir / "spool" / name),
                 "--ca-file",
                 str(self.certificates.ca_file),
                 "--log-level",
