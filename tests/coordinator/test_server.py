@@ -90,6 +90,29 @@ async def test_bad_checks_file_on_reload_keeps_the_running_checks(running: Runni
     agent.close()
 
 
+async def test_bad_tokens_file_on_sighup_keeps_the_admitted_tokens(running: Running) -> None:
+    agent = running.agent()
+    await agent.handshake()
+    tokens = running.directory / "tokens.yaml"
+    tokens.write_text(tokens.read_text() + "  - token: short\n")
+    with structlog.testing.capture_logs() as logs:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(
+            lambda: running.metric('vantage_tokens_reloads_total{result="failed"}'),
+            "the reload refused",
+        )
+    [error] = [e for e in logs if e["log_level"] == "error"]
+    assert error["event"] == "tokens file refused, the admitted tokens stay"
+    assert "tokens.yaml:5: tokens[2]: token: " in error["error"]
+    # The stream goes on, and the old tokens still admit a new agent.
+    await agent.send(heartbeat={"sent_unix_us": 1})
+    assert (await agent.read()).WhichOneof("kind") == "heartbeat"
+    other = running.agent("us-1", "us")
+    await other.handshake()
+    agent.close()
+    other.close()
+
+
 async def test_good_checks_file_change_is_pushed_to_connected_agents(running: Running) -> None:
     agent = running.agent()
     await agent.handshake()
