@@ -8,11 +8,15 @@ test asserts how fast it got there.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_broker import accepts
 
 BIN = Path(sys.executable).parent
 VANTAGE = str(BIN / "vantage")
@@ -64,6 +69,7 @@ class Proc:
 
     args: list[str]
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # over this process's environment
     popen: subprocess.Popen[bytes] = field(init=False)
 
     def start(self) -> Proc:
@@ -74,6 +80,7 @@ class Proc:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,
+                env={**os.environ, **self.env},
             )
         return self
 
@@ -186,8 +193,15 @@ class System:
         )
         return config
 
+    @property
+    def state_home(self) -> Path:
+        """Every process's ``XDG_STATE_HOME``: agents spool under it, in ``vantage/spool/NAME``
+        (agent.spool), one spool per name in this system, none shared with another."""
+        return self.dir / "state"
+
     def spawn(self, name: str, *args: str) -> Proc:
-        proc = Proc([*args], self.dir / f"{name}.log").start()
+        env = {"XDG_STATE_HOME": str(self.state_home)}
+        proc = Proc([*args], self.dir / f"{name}.log", env).start()
         self.procs.append(proc)
         return proc
 
@@ -218,8 +232,10 @@ class System:
         region: str,
         token_file: Path | None = None,
         prefix: tuple[str, ...] = (),
+        flags: tuple[str, ...] = (),
     ) -> Proc:
-        """An agent of ``coordinator``; ``prefix`` as for ``coordinator``."""
+        """An agent of ``coordinator``; ``prefix`` as for ``coordinator``, ``flags`` go
+        after the agent's own."""
         return self.spawn(
             f"agent-{name}",
             *prefix,
@@ -234,6 +250,7 @@ class System:
             str(token_file or self.dir / "agent.token"),
             "--log-level",
             "debug",
+            *flags,
         )
 
     def http_server(self, port: int) -> Proc:
@@ -307,3 +324,106 @@ def system(tmp_path: Path) -> Iterator[System]:
         yield running
     finally:
         running.stop_all()
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+class Nginx:
+    """nginx on 127.0.0.1:``port``, answering 200; stopped and started on the same port."""
+
+    def __init__(self, system: System, name: str) -> None:
+        self.system = system
+        self.name = name
+        self.port = free_port()
+        self.root = system.dir / name
+        self.root.mkdir()
+        user = "user root;" if os.geteuid() == 0 else ""  # as root it would become nobody
+        self.conf = self.root / "nginx.conf"
+        self.conf.write_text(
+            textwrap.dedent(
+                f"""\
+                {user}
+                worker_processes 1;
+                pid {self.root}/nginx.pid;
+                error_log {self.root}/error.log warn;
+                events {{ worker_connections 256; }}
+                http {{
+                    access_log off;
+                    client_body_temp_path {self.root}/body;
+                    proxy_temp_path {self.root}/proxy;
+                    fastcgi_temp_path {self.root}/fastcgi;
+                    uwsgi_temp_path {self.root}/uwsgi;
+                    scgi_temp_path {self.root}/scgi;
+                    server {{
+                        listen 127.0.0.1:{self.port};
+                        location / {{ return 200 "ok"; }}
+                    }}
+                }}
+                """
+            )
+        )
+        self.proc: Proc | None = None
+        self._starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self._starts += 1
+        self.proc = self.system.spawn(
+            f"{self.name}-{self._starts}",
+            NGINX,
+            *("-p", str(self.root), "-c", str(self.conf), "-g", "daemon off;"),
+        )
+        wait_until(lambda: accepts(self.port), 10, "nginx to listen")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.stop()
+        wait_until(lambda: not accepts(self.port), 10, "nginx to stop")
+
+
+class Watch:
+    """A gRPC WatchVerdicts stream of ``coordinator``, read on a thread of its own from
+    before ``with`` returns: ``heard``, the transition ids in order; ``ended``, how the
+    stream ended (``None`` when cleanly, else the status code), once it has."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        import grpc
+
+        from vantage_proto.v1 import query_pb2, query_pb2_grpc
+
+        self.heard: list[int] = []
+        self.ended: list[Any] = []
+        self._channel = grpc.insecure_channel(coordinator.address)
+        stub = query_pb2_grpc.QueryServiceStub(self._channel)
+        self._stream = stub.WatchVerdicts(query_pb2.WatchVerdictsRequest())
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._coordinator = coordinator
+
+    def _listen(self) -> None:
+        import grpc
+
+        try:
+            for transition in self._stream:
+                self.heard.append(transition.id)
+            self.ended.append(None)
+        except grpc.RpcError as exc:
+            self.ended.append(exc.code())
+
+    def __enter__(self) -> Watch:
+        self._thread.start()
+        watching = "vantage_watch_streams_open 1.0"
+        wait_until(lambda: self._coordinator.metrics().count(watching), 10, "the watch")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stream.cancel()
+        self._thread.join(timeout=10)
+        self._channel.close()
+
+    def join(self) -> None:
+        """Wait for the stream to end (its coordinator stopped)."""
+        self._thread.join(timeout=10)

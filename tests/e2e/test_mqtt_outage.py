@@ -14,81 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import Mosquitto, Subscriber, SubscriberThread, accepts, retained
-from running_system import Coordinator, Proc, System, free_port, wait_until
+from mqtt_broker import Mosquitto, Subscriber, SubscriberThread, retained
+from running_system import Coordinator, Nginx, System, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 PREFIX = "vantage/"  # the default
 AGENTS = (("eu-1", "eu"), ("us-1", "us"), ("ap-1", "ap"))
 CHECKS = ("web", "api", "steady")
 WAIT = 40.0  # bounds each wait; never asserted on
-
-
-class Nginx:
-    """nginx on 127.0.0.1:``port``, answering 200; stopped and started on the same port."""
-
-    def __init__(self, system: System, name: str) -> None:
-        self.system = system
-        self.name = name
-        self.port = free_port()
-        self.root = system.dir / name
-        self.root.mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""  # as root it would become nobody
-        self.conf = self.root / "nginx.conf"
-        self.conf.write_text(
-            textwrap.dedent(
-                f"""\
-                {user}
-                worker_processes 1;
-                pid {self.root}/nginx.pid;
-                error_log {self.root}/error.log warn;
-                events {{ worker_connections 256; }}
-                http {{
-                    access_log off;
-                    client_body_temp_path {self.root}/body;
-                    proxy_temp_path {self.root}/proxy;
-                    fastcgi_temp_path {self.root}/fastcgi;
-                    uwsgi_temp_path {self.root}/uwsgi;
-                    scgi_temp_path {self.root}/scgi;
-                    server {{
-                        listen 127.0.0.1:{self.port};
-                        location / {{ return 200 "ok"; }}
-                    }}
-                }}
-                """
-            )
-        )
-        self.proc: Proc | None = None
-        self._starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> None:
-        self._starts += 1
-        self.proc = self.system.spawn(
-            f"{self.name}-{self._starts}",
-            NGINX,
-            *("-p", str(self.root), "-c", str(self.conf), "-g", "daemon off;"),
-        )
-        wait_until(lambda: accepts(self.port), 10, "nginx to listen")
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.stop()
-        wait_until(lambda: not accepts(self.port), 10, "nginx to stop")
 
 
 def transitions_logged(coordinator: Coordinator) -> list[dict[str, Any]]:

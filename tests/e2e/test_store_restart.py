@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 
 import grpc
 import pytest
-from running_system import Coordinator, System, free_port, wait_until
+from running_system import Coordinator, System, Watch, free_port, wait_until
 
 from vantage_proto.v1 import query_pb2, query_pb2_grpc
 
@@ -51,25 +50,12 @@ def test_a_killed_coordinator_keeps_every_transition_it_published(system: System
     first = system.coordinator(config)
 
     # A watcher subscribed before the agent connects hears every transition of this life.
-    heard: list[int] = []
-    channel = grpc.insecure_channel(first.address)
-    watch = query_pb2_grpc.QueryServiceStub(channel).WatchVerdicts(query_pb2.WatchVerdictsRequest())
-
-    def listen() -> None:
-        try:
-            for transition in watch:
-                heard.append(transition.id)
-        except grpc.RpcError:
-            pass  # the coordinator died
-
-    listener = threading.Thread(target=listen)
-    listener.start()
-    wait_until(lambda: first.metrics().count("vantage_watch_streams_open 1.0"), 10, "the watch")
-    agent = system.agent(first, "eu-1", "eu")
-    wait_until(lambda: len(heard) >= 2, 30, "both checks to get a verdict")
-    first.proc.stop(signal.SIGKILL)
-    listener.join(timeout=10)
-    channel.close()
+    with Watch(first) as watch:
+        agent = system.agent(first, "eu-1", "eu")
+        wait_until(lambda: len(watch.heard) >= 2, 30, "both checks to get a verdict")
+        first.proc.stop(signal.SIGKILL)
+        watch.join()
+    heard = watch.heard
 
     second = system.coordinator(config)
     kept = _history(second)
