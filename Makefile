@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/activate
 # vantage/native.py; keep this list in step with COMPILED there). Needs a C compiler and
 # Python's headers, installed here when missing. Rebuilt whenever one of them changes.
 NATIVE := agent/buffer.py agent/probes/http.py agent/probes/network.py agent/scheduler.py \
-	coordinator/engine.py vantage/results.py vantage/wire.py
+	coordinator/engine.py coordinator/judgement.py coordinator/views.py vantage/results.py vantage/wire.py
 native: build/native.stamp  ## compile the probe path with mypyc (run, test and bench do it)
 build/native.stamp: $(VENV)/.installed $(NATIVE) vantage/native.py
 	@include=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \

@@ -37,7 +37,7 @@ A configuration file is YAML; every key is optional::
       ca_file: broker-ca.pem        # mqtts only; default: the system's CAs
       queue_size: 10000             # transitions kept while the broker is away (oldest dropped)
       keepalive: 60s
-    engine:                         # verdict thresholds (coordinator.engine.EngineSettings)
+    engine:                         # verdict thresholds (coordinator.judgement.EngineSettings)
       min_agents: 3
       min_regions: 2
       min_region_agents: 1
@@ -77,7 +77,7 @@ from vantage.durations import duration_within, format_duration
 from vantage.tls import ServerTlsConfig
 
 from .auth import QueryAuth
-from .engine import EngineSettings
+from .judgement import EngineSettings
 from .limits import LimitsConfig
 from .mqtt import MqttConfig
 from .ondemand import OnDemandConfig

@@ -24,7 +24,7 @@ Lifecycle of one ``OnDemandChecks.check_now`` (what ``QueryService.CheckNow`` se
 7. **Judging.** An agent's guard that refused (``ProbeResponse.refused``) makes the whole
    call PERMISSION_DENIED, naming the agent, the address and why, as soon as it
    arrives. Otherwise the answers are judged with the verdict engine's own rules for
-   regions and verdicts (``coordinator.engine.judge``) and the coordinator's ``engine:``
+   regions and verdicts (``coordinator.judgement.judge``) and the coordinator's ``engine:``
    thresholds: a success is an agent up, a failure an agent down, a missing agent counts
    as stale in its region. Nothing else goes in: not the engine's state of any check,
    not which agents it judges impaired.
@@ -59,8 +59,8 @@ from vantage.targets import DEFAULT_TIMEOUT, TargetError, on_demand_check, targe
 from vantage.wire import WireError, check_to_pb, result_from_pb, result_to_pb
 from vantage_proto.v1 import agent_pb2, query_pb2
 
-from .engine import EngineSettings, RegionTally, judge
 from .fleet import AgentFleet
+from .judgement import EngineSettings, RegionTally, judge
 from .limits import Rate, RateLimiter, format_rate, retry_after
 from .verdicts import Verdict
 from .wire import verdict_to_pb

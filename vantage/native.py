@@ -27,6 +27,8 @@ COMPILED = (
     "agent.probes.network",
     "agent.scheduler",
     "coordinator.engine",
+    "coordinator.judgement",
+    "coordinator.views",
     "vantage.results",
     "vantage.wire",
 )

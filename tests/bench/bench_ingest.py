@@ -53,8 +53,9 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import structlog  # noqa: E402
 
-from coordinator.engine import EngineSettings, VerdictEngine  # noqa: E402
+from coordinator.engine import VerdictEngine  # noqa: E402
 from coordinator.fleet import AgentFleet, AgentHello  # noqa: E402
+from coordinator.judgement import EngineSettings  # noqa: E402
 from coordinator.metrics import CoordinatorMetrics  # noqa: E402
 from coordinator.registry import CheckChange, CheckRegistry  # noqa: E402
 from coordinator.state import CoordinatorState  # noqa: E402

@@ -72,7 +72,8 @@ from verdict_sim import (  # noqa: E402
     make_checks,
 )
 
-from coordinator.engine import EngineSettings, VerdictEngine  # noqa: E402
+from coordinator.engine import VerdictEngine  # noqa: E402
+from coordinator.judgement import EngineSettings  # noqa: E402
 from coordinator.verdicts import Verdict, VerdictState  # noqa: E402
 from vantage.results import FailureClass  # noqa: E402
 
@@ -81,7 +82,7 @@ REGIONAL, GLOBAL, UNKNOWN = VerdictState.REGIONAL, VerdictState.GLOBAL, VerdictS
 OUTAGE_KINDS = ("global", "regional", "local")
 # Intervals before any fault: a minute of history, so that every verdict has settled on
 # up and every view knows its path's random loss (a brand-new view needs one failure more
-# in a row: coordinator.engine.LOSS_PRIOR).
+# in a row: coordinator.views.LOSS_PRIOR).
 WARM_UP = 30.0
 LOSS = 0.2
 LOSS_CHECKS = 200

@@ -64,7 +64,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from coordinator.engine import EngineSettings, VerdictEngine
+from coordinator.engine import VerdictEngine
+from coordinator.judgement import EngineSettings
 from coordinator.verdicts import ProbeNow, Transition, Verdict, VerdictState
 from vantage.checks import AnyCheck, parse_check
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import CoordinatorConfig, EngineConfig, load_config
-from coordinator.engine import EngineSettings
+from coordinator.judgement import EngineSettings
 from vantage.checks import ConfigError
 from vantage.configfile import split_host_port
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.engine import EngineSettings, VerdictEngine
+from coordinator.engine import VerdictEngine
+from coordinator.judgement import EngineSettings
 from coordinator.verdicts import RegionState, RegionView, Transition, Verdict, VerdictState
 from vantage.checks import AnyCheck, parse_check
 from vantage.results import (

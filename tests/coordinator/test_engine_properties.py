@@ -22,7 +22,8 @@ import hypothesis
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from coordinator.engine import EngineSettings, VerdictEngine
+from coordinator.engine import VerdictEngine
+from coordinator.judgement import EngineSettings
 from coordinator.verdicts import ProbeNow, RegionState, Transition, Verdict, VerdictState
 from vantage.checks import AnyCheck, parse_check
 from vantage.results import FailureClass, ProbeOutcome, ProbeResult
