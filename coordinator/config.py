@@ -43,6 +43,7 @@ A configuration file is YAML; every key is optional::
       min_region_agents: 1
       fail_after: 2
       recover_after: 2
+      stable_after: 5
       stale_intervals: 2.0
 
 Every problem is one ``ConfigError`` line naming the file, the line and the field, e.g.
@@ -110,6 +111,7 @@ class EngineConfig(BaseModel):
     adaptive_confirmation: bool = _ENGINE_DEFAULTS.adaptive_confirmation
     max_false_down: float = Field(default=_ENGINE_DEFAULTS.max_false_down, gt=0, lt=1)
     loss_memory: int = Field(default=_ENGINE_DEFAULTS.loss_memory, ge=1)
+    stable_after: int = Field(default=_ENGINE_DEFAULTS.stable_after, ge=1)
 
     def settings(self) -> EngineSettings:
         return EngineSettings(**self.model_dump())

@@ -45,6 +45,7 @@ class _Check:
         "restored_until",
         "round_deadline",
         "settings",
+        "settle_span",
         "stale",
         "timeout",
         "verdict",
@@ -64,6 +65,7 @@ class _Check:
         self.settings = settings  # the engine's, with the check's own overrides
         self.window = window  # staleness window, seconds
         self.timeout = timeout  # the probe's, seconds: how long a second opinion takes
+        self.settle_span = 0.0  # how long a flapping view must agree to be stable (set_checks)
         # An episode of second opinions in progress: the agents asked and not heard from
         # since, until the deadline; how often each agent was asked in the episode.
         self.pending: set[str] = set()
@@ -196,6 +198,10 @@ class VerdictEngine:
                 check.settings = settings
                 self._collect(transitions, check, now)
             check.timeout = spec.timeout
+            # stable_after results in a row, scheduled ones: second opinions repeat a
+            # state within seconds, so the run must also span the intervals between them
+            # (less half a one: scheduled runs drift by a little either way).
+            check.settle_span = max(0.0, settings.stable_after - 1.5) * spec.interval
         self._longest_window = max((check.window for check in self._checks.values()), default=0.0)
         self._canaries = {name for name, spec in specs.items() if spec.canary}
         return transitions
@@ -283,7 +289,7 @@ class VerdictEngine:
                 fresh = True
         settings = check.settings
         was_up, was_flapping, was_failure = view.up, view.flapping, view.failure
-        view.fold(result, now, settings)
+        view.fold(result, now, settings, check.settle_span)
         member.last_observed = now
         failure = result.outcome.failure
         if failure is not None:

@@ -46,6 +46,7 @@ class EngineSettings:
     adaptive_confirmation: bool = True
     max_false_down: float = 1e-5
     loss_memory: int = 20
+    stable_after: int = 5
 
     def for_check(self, options: VerdictOptions) -> EngineSettings:
         """These settings with one check's own thresholds (its ``verdict:`` options)."""
@@ -78,6 +79,7 @@ class EngineSettings:
             "recover_after",
             "impaired_min_checks",
             "loss_memory",
+            "stable_after",
         ):
             _require_count(name, getattr(self, name))
         slack = self.second_opinion_slack

@@ -88,6 +88,7 @@ class View:
         "processing",
         "resolve",
         "run",
+        "run_since",
         "tls",
         "transfer",
         "up",
@@ -98,6 +99,7 @@ class View:
         self.up: bool | None = None  # the confirmed view; None until confirmed
         self.last_success = True
         self.run = 0  # consecutive results equal to last_success
+        self.run_since = -math.inf  # when the first of them was folded
         self.observed_at = -math.inf
         self.failure: FailureClass | None = None
         self.message = ""
@@ -135,7 +137,12 @@ class View:
             return False
         return self.up is not self.last_success
 
-    def fold(self, result: ProbeResult, now: float, settings: EngineSettings) -> None:
+    def fold(
+        self, result: ProbeResult, now: float, settings: EngineSettings, settle_span: float
+    ) -> None:
+        """Fold one result in, at ``now``; a flapping view is stable again after
+        ``settings.stable_after`` results in a row that agree with its state and span
+        ``settle_span`` seconds at least."""
         self.observed_at = now
         outcome = result.outcome
         self._measure(outcome)
@@ -146,10 +153,12 @@ class View:
             else:
                 self.last_success = True
                 self.run = 1
+            if self.run == 1:  # a new run (or the first since the view was forgotten)
+                self.run_since = now
             if up is not True:
                 if self.run < (1 if up is None else settings.recover_after):
                     if up is not None:
-                        self._sample(up)
+                        self._sample(up, settings, now - self.run_since >= settle_span)
                     return
                 up = self.up = True
             self.loss -= self.loss / settings.loss_memory
@@ -162,6 +171,8 @@ class View:
                 self.needed = settings.failures_needed(self.loss)
             else:
                 self.run += 1
+            if self.run == 1:
+                self.run_since = now
             self.failure = outcome.failure
             self.message = outcome.message
             if up is not False and self.run >= self.needed:
@@ -170,7 +181,7 @@ class View:
                 self.loss += (1.0 - self.loss) / settings.loss_memory
             elif up is None:
                 return
-        self._sample(up)
+        self._sample(up, settings, now - self.run_since >= settle_span)
 
     def _measure(self, outcome: ProbeOutcome) -> None:
         if outcome.success:
@@ -186,12 +197,26 @@ class View:
             if expiry > 0:
                 self.cert_expiry = expiry
 
-    def _sample(self, up: bool) -> None:
+    def _sample(self, up: bool, settings: EngineSettings, spanned: bool) -> None:
         """Add the confirmed state to the history and decide whether the view flaps."""
         history = self.history
         if history < 0:  # its first confirmed state: as if it had always been so
             history = _FLAP_MASK if up else 0
         history = self.history = ((history << 1) | up) & _FLAP_MASK
+        if (
+            self.flapping
+            and self.last_success is up
+            and self.run >= settings.stable_after
+            and spanned
+        ):
+            # Stable again: the latest stable_after results all agree with the state. It
+            # stops flapping now, not when its changes age out of the window (20
+            # intervals), and starts over as a view that has always been so: without the
+            # old changes, and with its loss estimate no higher than a flaky view's stop.
+            self.flapping = False
+            self.history = _FLAP_MASK if up else 0
+            self.loss = min(self.loss, FLAKY_STOP)
+            return
         changed = ((history ^ (history >> 1)) & _CHANGE_MASK).bit_count()
         if self.flapping:
             self.flapping = changed > FLAP_STOP or self.loss >= FLAKY_STOP

@@ -17,7 +17,8 @@ Six scores, each printed next to its target with "met" or "NOT met":
    ``regional``. Run as four independent simulations of 200 checks, whatever ``--jobs``.
 3. An agent cut off from every target while its peers see them up: named by
    ``impaired()`` within 2 intervals, with no check going regional or global.
-4. A target flapping for 20 intervals: transitions produced, ``degraded`` at the end.
+4. A target flapping for 20 intervals: transitions produced, ``degraded`` at the end;
+   then steady again: intervals until it reads ``up`` (``stable_after``, 5, at most).
 5. Agents leaving one region at a time: never ``regional`` or ``global``.
 6. ``observe()`` throughput on one core, over a pre-built list of results.
 
@@ -89,6 +90,7 @@ LOSS_CHECKS = 200
 LOSS_SHARDS = 4  # independent runs of LOSS_CHECKS checks; fixed, so --jobs changes nothing
 TARGET_ROUNDS = 1_000_000  # the false-global target is stated over this many check-rounds
 FLAP_INTERVALS = 20
+SETTLE_WAIT = 25  # intervals a steady-again target is followed for, past its 20-result window
 FEW_FLAP_TRANSITIONS = 3  # our reading of "few transitions" over the flapping window
 THROUGHPUT_TARGET = 200_000
 
@@ -654,6 +656,9 @@ class FlapTrial:
     final: str
     states: tuple[str, ...]  # states entered, in order
     first_degraded: float | None  # seconds after the flapping started
+    # Intervals from the last toggle (steady up from then on) until the verdict is up;
+    # None when it is not within SETTLE_WAIT intervals.
+    settled: float | None
 
 
 def flap_trial(seed: int, index: int, fleet_text: str) -> FlapTrial:
@@ -666,11 +671,21 @@ def flap_trial(seed: int, index: int, fleet_text: str) -> FlapTrial:
     sim.run_until(flap.end)
     changes = [c for c in sim.changes if c.check == check and c.at >= start]
     degraded = next((c.at - start for c in changes if c.state is DEGRADED), None)
+    final = sim.state(check)
+    settled: float | None = 0.0
+    if final is not UP:
+        sim.run_until(flap.end + SETTLE_WAIT * INTERVAL)
+        settled = next(
+            ((c.at - flap.end) / INTERVAL for c in sim.changes[len(changes) :] if c.check == check
+             and c.at > flap.end and c.state is UP),
+            None,
+        )  # fmt: skip
     return FlapTrial(
         transitions=len(changes),
-        final=sim.state(check).value,
+        final=final.value,
         states=tuple(c.state.value for c in changes),
         first_degraded=degraded,
+        settled=settled,
     )
 
 
@@ -688,6 +703,15 @@ def score_flapping(report: Report, trials: list[FlapTrial]) -> None:
         f"{statistics.median(counts):g} / {max(counts)}",
         f"few (<= {FEW_FLAP_TRANSITIONS})",
         max(counts) <= FEW_FLAP_TRANSITIONS,
+    )
+    settled = [t.settled for t in trials if t.settled is not None]
+    stable_after = EngineSettings().stable_after
+    report.add(
+        section,
+        "steady again: intervals until up, median / max",
+        f"{statistics.median(settled):.2f} / {max(settled):.2f}" if settled else "never",
+        f"<= {stable_after} (stable_after), every trial",
+        len(settled) == total and max(settled) <= stable_after,
     )
     finals = Counter(t.final for t in trials)
     report.add(section, "verdict at the end", path_text(finals, total))
@@ -877,10 +901,15 @@ def machine() -> str:
     )
 
 
+ENGINE_FILES = ("coordinator/engine.py", "coordinator/judgement.py", "coordinator/views.py")
+
+
 def engine_source() -> str:
-    """Which engine the scores are for: its file's digest and the checkout it sits in."""
-    path = ROOT / "coordinator" / "engine.py"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    """Which engine the scores are for: its files' digest and the checkout they sit in."""
+    hashed = hashlib.sha256()
+    for name in ENGINE_FILES:
+        hashed.update((ROOT / name).read_bytes())
+    named = f"coordinator/{{engine,judgement,views}}.py sha256 {hashed.hexdigest()[:12]}"
     try:
         head = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -889,15 +918,15 @@ def engine_source() -> str:
             check=True,
         ).stdout.strip()
         changed = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "coordinator/engine.py"],
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *ENGINE_FILES],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return f"coordinator/engine.py sha256 {digest}"
+        return named
     state = "modified since" if changed else "as in"
-    return f"coordinator/engine.py sha256 {digest} ({state} commit {head})"
+    return f"{named} ({state} commit {head})"
 
 
 def render_text(report: Report) -> str:

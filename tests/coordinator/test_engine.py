@@ -930,11 +930,38 @@ def test_a_flapping_target_is_degraded_not_a_storm_of_transitions(second_opinion
     assert reason_of(engine, "web").startswith("flapping from 6/6 agents")
     assert len(transitions) <= 3, [t.verdict.state for t in transitions]
 
-    for _ in range(25):  # steady again
+    # Steady again: up within stable_after (5) intervals, not once the changes age out
+    # of the 20-result flapping window.
+    steady = []
+    for _ in range(25):
         clock.advance(30)
         report(engine)
         engine.tick()
-    assert state(engine) is VerdictState.UP
+        steady.append(state(engine))
+    assert steady.index(VerdictState.UP) < 5, steady
+    assert set(steady[5:]) == {VerdictState.UP}
+
+
+@pytest.mark.parametrize("stable_after", [1, 5, 8])
+def test_a_flapping_target_reads_up_after_stable_after_steady_results(stable_after: int) -> None:
+    clock = FakeClock()
+    engine = engine_with_fleet(clock, second_opinion=False, stable_after=stable_after)
+    everyone_refused = dict.fromkeys(FLEET, FailureClass.CONNECT_REFUSED)
+    for index in range(16):  # up two rounds, down two: every change confirmed
+        clock.advance(30)
+        report(engine, everyone_refused if index % 4 >= 2 else None)
+    assert state(engine) is VerdictState.DEGRADED
+    steady = []
+    for _ in range(stable_after + 2):
+        clock.advance(30)
+        report(engine)
+        steady.append(state(engine))
+    # Each view, down after the last two rounds, needs recover_after (2) successes to be
+    # up, and stable_after results agreeing with that to stop flapping: whichever is
+    # later; the 20-result window still holds six changes.
+    settled = max(stable_after, 2)
+    assert steady[settled - 1 :] == [VerdictState.UP] * (len(steady) - settled + 1), steady
+    assert VerdictState.UP not in steady[: settled - 1], steady
 
 
 def test_a_target_is_flapping_as_soon_as_it_goes_down_the_second_time() -> None:
