@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-spool bench-verdict dist image clean help
+.PHONY: run test fuzz scenario lint native proto proto-check lock system-deps bench bench-deps bench-scale bench-spool bench-verdict dist image clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -73,6 +73,9 @@ bench-deps:  ## install the Debian packages the benchmark needs
 BENCH_ARGS ?=
 bench: build/native.stamp bench-deps  ## HTTP probes/s: one agent + coordinator vs blackbox_exporter
 	$(PY) tests/bench/bench_http.py $(BENCH_ARGS)
+
+bench-scale: build/native.stamp  ## one coordinator under 100 agents x 10,000 checks (100,000 results/s offered)
+	$(PY) tests/bench/bench_scale.py $(BENCH_ARGS)
 
 bench-spool: build/native.stamp  ## the agent's result spool: segment log vs a SQLite prototype
 	$(PY) tests/bench/bench_spool.py $(BENCH_ARGS)
