@@ -360,7 +360,12 @@ def run(args: argparse.Namespace, children: Children) -> tuple[list[Row], dict[s
     rows: list[Row] = []
     why = ""
     if ingested < TARGET_RATE:
-        if sent_rate < TARGET_RATE * 0.95:
+        if cores["coordinator"] >= 0.85:
+            why = (
+                f"the coordinator is CPU-bound: {cores['coordinator'] * 100:.0f}% of a core, "
+                f"{cores['coordinator'] / max(ingested, 1) * 1e6:.0f} us per result over gRPC"
+            )
+        elif sent_rate < TARGET_RATE * 0.95:
             why = (
                 f"the generator offered only {sent_rate:,.0f}/s "
                 f"({cores['loadgen'] * 100:.0f}% of a core beside the coordinator's "
